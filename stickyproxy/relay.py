@@ -1,0 +1,1050 @@
+"""The Twisted shell: client and backend protocols that drive the core.
+
+One :class:`Frontend` per client connection and at most one :class:`Backend`
+at a time behind it. The life of a connection:
+
+1. PROXY header (:mod:`stickyproxy.proxyproto`), under the
+   ``timeout_http_request`` deadline;
+2. request head (:mod:`stickyproxy.httphead`), routed on its own
+   (:meth:`stickyproxy.pool.Pool.choose`) and rewritten
+   (:mod:`stickyproxy.rewrite`);
+3. the request body streams to the backend and the response streams back,
+   each framed by a :class:`~stickyproxy.httphead.BodyReader`; transports
+   throttle each other (a full write buffer pauses the reading side);
+4. the next request on a keep-alive connection is routed again; the backend
+   connection is reused when it goes to the same server;
+5. after a ``101 Switching Protocols`` both sockets are spliced and bytes
+   flow unparsed until either side closes.
+
+Requests pipelined behind one in flight wait, unparsed, until its response
+has been relayed: a 101 may turn the rest of the stream into a tunnel.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+from twisted.internet import tcp
+from twisted.internet.error import ConnectionRefusedError as TwistedConnectionRefused
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IPushProducer,
+)
+from twisted.internet.protocol import ClientFactory, Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from stickyproxy.errors import ProtocolError, ProxyHeaderError
+from stickyproxy.hashring import address_key, text_key
+from stickyproxy.httphead import (
+    BodyReader,
+    Framing,
+    HeadParser,
+    RequestHead,
+    ResponseHead,
+    response_framing,
+    validate_upgrade_response,
+)
+from stickyproxy.pool import Decision, Pool, Server
+from stickyproxy.proxyproto import ProxyHeaderParser
+from stickyproxy.rewrite import ForwardOptions, error_response, prepare_request, prepare_response
+
+if TYPE_CHECKING:
+    from stickyproxy.config import Config, IPNetwork
+
+    from twisted.internet.interfaces import IAddress
+
+log = Logger(namespace="stickyproxy")
+
+# A plain TCP transport whose write buffer is empty can take bytes straight
+# to the socket: Twisted's write() only queues them and sends them on a later
+# reactor turn, after an extra epoll round, which costs as much as the
+# forwarding itself. Anything else (TLS, UNIX sockets, a paused or buffered
+# transport) takes the ordinary path.
+_FAST_TRANSPORTS = (tcp.Server, tcp.Client)
+
+
+def relay_write(transport: Any, data: bytes) -> None:
+    """Write ``data`` to ``transport``, sending at once when nothing is queued."""
+    if (
+        type(transport) in _FAST_TRANSPORTS
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            # Let Twisted find the error on its own path and report it.
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
+@implementer(IPushProducer)
+class Throttle:
+    """Pauses a transport for several independent reasons at once.
+
+    A transport is registered as the streaming producer of its peer, so a full
+    peer buffer pauses it; the proxy also pauses it itself while it waits for a
+    backend or holds a pipelined request. Each reason is a bit: reading resumes
+    only once every reason is gone.
+    """
+
+    BACKPRESSURE = 1
+    WAITING = 2
+
+    __slots__ = ("reasons", "transport")
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.reasons = 0
+
+    def pause(self, reason: int) -> None:
+        if not self.reasons:
+            self.transport.pauseProducing()
+        self.reasons |= reason
+
+    def resume(self, reason: int) -> None:
+        if self.reasons & reason:
+            self.reasons &= ~reason
+            if not self.reasons:
+                self.transport.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.pause(self.BACKPRESSURE)
+
+    def resumeProducing(self) -> None:
+        self.resume(self.BACKPRESSURE)
+
+    def stopProducing(self) -> None:
+        # The peer went away; closing is decided by the protocols, which see
+        # both ends, not by the transport that noticed first.
+        pass
+
+
+class ProxyContext:
+    """What every connection of one proxy shares: settings, servers, clock."""
+
+    def __init__(self, config: Config, pool: Pool, reactor: Any) -> None:
+        self.config = config
+        self.pool = pool
+        self.reactor = reactor
+        self.options = ForwardOptions(
+            cookie=config.cookie, forwarded_for=config.proxy.forwarded_for
+        )
+        self.connections: set[Frontend] = set()
+        self.on_count_change: Callable[[int], None] | None = None
+
+    def add(self, conn: Frontend) -> None:
+        self.connections.add(conn)
+        if self.on_count_change is not None:
+            self.on_count_change(len(self.connections))
+
+    def discard(self, conn: Frontend) -> None:
+        self.connections.discard(conn)
+        if self.on_count_change is not None:
+            self.on_count_change(len(self.connections))
+
+
+# Frontend states.
+_PROXY = 0  # waiting for the PROXY header
+_IDLE = 1  # waiting for the first byte of a request head
+_HEAD = 2  # reading a request head
+_EXCHANGE = 3  # a request is being forwarded and answered
+_TUNNEL = 4  # spliced after a 101
+_CLOSED = 5
+
+# Timer kinds: what the one timer of a connection is counting.
+_T_REQUEST = "request"  # total deadline for the PROXY header and a request head
+_T_KEEPALIVE = "keepalive"  # idle wait for the next request
+_T_CLIENT = "client"  # inactivity while the client sends a request body
+_T_SERVER = "server"  # inactivity while the server answers
+_T_TUNNEL = "tunnel"  # inactivity of a spliced connection
+_INACTIVITY = (_T_CLIENT, _T_SERVER, _T_TUNNEL)
+
+
+@implementer(IProtocol, IHalfCloseableProtocol)
+class Frontend:
+    """A client connection.
+
+    Not derived from :class:`twisted.internet.protocol.Protocol`, whose
+    instances carry a ``__dict__``: with slots only, every open WebSocket
+    costs less memory.
+    """
+
+    __slots__ = (
+        "_backend",
+        "_body",
+        "_client_eof",
+        "_close_after",
+        "_connecting",
+        "_ctx",
+        "_decision",
+        "_exclude",
+        "_first",
+        "_head_parser",
+        "_idle_backend",
+        "_last",
+        "_pending",
+        "_proxy_parser",
+        "_request",
+        "_request_bytes",
+        "_request_done",
+        "_response_started",
+        "_retries_left",
+        "_reused",
+        "_server_eof",
+        "_state",
+        "_throttle",
+        "_timer",
+        "_timer_kind",
+        "client_ip",
+        "client_port",
+        "transport",
+    )
+
+    _throttle: Throttle
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self._ctx = ctx
+        self.transport: Any = None
+        self._state = _PROXY
+        self._proxy_parser: ProxyHeaderParser | None = None
+        self._head_parser: HeadParser[RequestHead] | None = None
+        self._pending = b""
+        self._timer: IDelayedCall | None = None
+        self._timer_kind = ""
+        self._last = 0.0
+        self._first = True
+        self._request: RequestHead | None = None
+        self._request_bytes = b""
+        self._request_done = False
+        self._body: BodyReader | None = None
+        self._decision: Decision | None = None
+        self._backend: Backend | None = None
+        self._idle_backend: Backend | None = None
+        self._connecting: _BackendConnector | None = None
+        self._response_started = False
+        self._close_after = False
+        self._client_eof = False
+        self._server_eof = False
+        self._retries_left = 0
+        self._exclude: set[str] = set()
+        self._reused = False
+        self.client_ip = ""
+        self.client_port = 0
+
+    # -- connection set-up -------------------------------------------------
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self._throttle = Throttle(transport)
+        self.connectionMade()
+
+    def connectionMade(self) -> None:
+        ctx = self._ctx
+        ctx.add(self)
+        self.client_ip, self.client_port = _host_port(self.transport.getPeer())
+        cfg = ctx.config.proxy
+        mode = cfg.proxy_protocol
+        trusted = _is_trusted(self.client_ip, cfg.trusted_proxies)
+        if mode == "required" and not trusted:
+            log.info("{client}: not a trusted proxy, connection closed", client=self.peer_text())
+            self._abort()
+            return
+        self._head_parser = HeadParser(
+            "request", max_size=cfg.max_head_size, max_headers=cfg.max_headers
+        )
+        if mode == "off" or not trusted:
+            # Only trusted peers may vouch for another address (PROXY
+            # protocol spec §5); from anyone else a header is just bad HTTP.
+            self._state = _IDLE
+        else:
+            self._proxy_parser = ProxyHeaderParser(optional=mode == "optional")
+        # The PROXY header and the first request head share one deadline,
+        # like HAProxy's "timeout http-request": slowloris cannot stretch it.
+        self._arm(cfg.timeout_http_request, _T_REQUEST)
+
+    def peer_text(self) -> str:
+        """The client's address and port, as logs show them."""
+        if ":" in self.client_ip:
+            return f"[{self.client_ip}]:{self.client_port}"
+        return f"{self.client_ip}:{self.client_port}"
+
+    # -- timers ------------------------------------------------------------
+
+    def _arm(self, delay: float, kind: str) -> None:
+        """(Re)start the one timer of this connection."""
+        self._timer_kind = kind
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(delay)
+        else:
+            self._timer = self._ctx.reactor.callLater(delay, self._on_timer)
+
+    def _disarm(self) -> None:
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._timer = None
+
+    def _watch(self, kind: str) -> None:
+        """Count inactivity from now: data in either direction postpones it.
+
+        Moving a timer on every chunk costs heap operations; recording the time
+        of the last chunk and checking it when the timer fires costs nothing.
+        """
+        self._last = self._ctx.reactor.seconds()
+        self._arm(self._timeout_of(kind), kind)
+
+    def _timeout_of(self, kind: str) -> float:
+        cfg = self._ctx.config.proxy
+        if kind == _T_TUNNEL:
+            return cfg.timeout_tunnel
+        if kind == _T_CLIENT:
+            return cfg.timeout_client
+        return cfg.timeout_server
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        kind = self._timer_kind
+        if kind in _INACTIVITY:
+            timeout = self._timeout_of(kind)
+            idle = self._ctx.reactor.seconds() - self._last
+            if idle < timeout:
+                self._timer = self._ctx.reactor.callLater(timeout - idle, self._on_timer)
+                return
+        if kind == _T_REQUEST:
+            if self._state == _PROXY:
+                log.info("{client}: no PROXY header in time", client=self.peer_text())
+                self._abort()
+            elif self._state == _IDLE:
+                # A connection that never sent a request byte is closed
+                # silently: browsers open spare connections they never use.
+                self._close()
+            elif self._state == _HEAD:
+                self._fail(408, "request head not complete in time")
+        elif kind == _T_KEEPALIVE:
+            self._close()
+        elif kind == _T_TUNNEL:
+            log.info("{client}: tunnel idle, closed", client=self.peer_text())
+            self._close()
+        elif kind == _T_CLIENT:
+            self._fail(408, "client stalled while sending the request body")
+        elif kind == _T_SERVER:
+            self._fail(504, "server did not respond in time")
+
+    # -- reading from the client -------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self._state
+        if state == _TUNNEL:
+            self._last = self._ctx.reactor.seconds()
+            backend = self._backend
+            if backend is not None:
+                relay_write(backend.transport, data)
+        elif state == _EXCHANGE:
+            self._last = self._ctx.reactor.seconds()
+            if self._request_done:
+                self._hold(data)
+            else:
+                self._forward_request_body(data)
+        elif state == _PROXY:
+            self._read_proxy_header(data)
+        elif state != _CLOSED:
+            self._read_head(data)
+
+    def _read_proxy_header(self, data: bytes) -> None:
+        parser = self._proxy_parser
+        assert parser is not None
+        try:
+            result = parser.feed(data)
+        except ProxyHeaderError as e:
+            log.info(
+                "{client}: bad PROXY header: {reason}", client=self.peer_text(), reason=e.reason
+            )
+            self._abort()
+            return
+        if result is None:
+            return
+        info, rest = result
+        self._proxy_parser = None
+        if info is not None and not info.local and info.source is not None:
+            self.client_ip, self.client_port = info.source
+        self._state = _IDLE
+        if rest:
+            self._read_head(rest)
+
+    def _hold(self, data: bytes) -> None:
+        """Keep bytes that arrive while a response is pending (pipelining)."""
+        self._pending += data
+        if len(self._pending) > self._ctx.config.proxy.max_head_size:
+            self._throttle.pause(Throttle.WAITING)
+
+    def _read_head(self, data: bytes) -> None:
+        parser = self._head_parser
+        assert parser is not None
+        if self._state == _IDLE:
+            self._state = _HEAD
+            if not self._first:
+                # The keep-alive wait is over; the head now has its deadline.
+                self._arm(self._ctx.config.proxy.timeout_http_request, _T_REQUEST)
+        try:
+            head = parser.feed(data)
+        except ProtocolError as e:
+            self._fail(e.status_hint or 400, e.reason)
+            return
+        if head is not None:
+            self._start_exchange(head, parser.take_rest())
+
+    # -- routing and connecting ---------------------------------------------
+
+    def _start_exchange(self, head: RequestHead, rest: bytes) -> None:
+        ctx = self._ctx
+        self._disarm()
+        self._state = _EXCHANGE
+        self._first = False
+        self._request = head
+        self._response_started = False
+        self._close_after = head.close_after or not head.keep_alive
+        self._body = BodyReader(head.framing)
+        self._request_done = head.framing.kind == "none"
+        self._pending = rest
+        self._retries_left = ctx.config.proxy.retries
+        self._exclude = set()
+        self._throttle.pause(Throttle.WAITING)
+        values = prepare_request(head, self.client_ip, ctx.options)
+        self._request_bytes = head.serialize()
+        self._route(ctx.pool.choose(values, self._hash_key()))
+
+    def _hash_key(self) -> bytes:
+        """The bytes that place a client without a valid cookie."""
+        balance = self._ctx.config.balance
+        head = self._request
+        if head is not None and balance.hash_key_name:
+            if balance.hash_key == "header":
+                value = head.get(balance.hash_key_name.lower().encode("ascii"))
+                if value:
+                    return text_key(value.decode("latin-1"))
+            elif balance.hash_key == "query":
+                _, _, query = head.target.partition(b"?")
+                for key, found in parse_qsl(query.decode("latin-1")):
+                    if key == balance.hash_key_name:
+                        return text_key(found)
+        return address_key(self.client_ip)
+
+    def _route(self, decision: Decision) -> None:
+        self._decision = decision
+        server = decision.server
+        if server is None:
+            self._fail(503, "no server available")
+            return
+        self._ctx.pool.acquire(server)
+        idle, self._idle_backend = self._idle_backend, None
+        if idle is not None:
+            if idle.server is server and idle.alive:
+                self._reused = True
+                self._attach(idle)
+                return
+            idle.detach_and_close()
+        self._reused = False
+        self._connect(server)
+
+    def _connect(self, server: Server) -> None:
+        connector = _BackendConnector(self, server)
+        self._connecting = connector
+        host, port = server.address
+        self._ctx.reactor.connectTCP(
+            host, port, connector, timeout=self._ctx.config.proxy.timeout_connect
+        )
+
+    def backend_connect_failed(self, server: Server, reason: Failure) -> None:
+        """A connection attempt to ``server`` failed."""
+        self._connecting = None
+        self._ctx.pool.release(server)
+        if self._state != _EXCHANGE:
+            return
+        cfg = self._ctx.config.proxy
+        refused = reason.check(TwistedConnectionRefused) is not None
+        log.info(
+            "{client}: cannot connect to {server}: {error}",
+            client=self.peer_text(),
+            server=server.name,
+            error=reason.getErrorMessage(),
+        )
+        if self._retries_left > 0 and not (refused and cfg.redispatch):
+            # Retry the same server after a pause of min(timeout_connect, 1s),
+            # as HAProxy does. A refused connection with redispatch on moves
+            # at once instead: nobody listens there, waiting will not help.
+            self._retries_left -= 1
+            self._ctx.pool.acquire(server)
+            self._ctx.reactor.callLater(min(cfg.timeout_connect, 1.0), self._retry, server)
+            return
+        if cfg.redispatch:
+            self._exclude.add(server.name)
+            decision = self._ctx.pool.redispatch(self._hash_key(), self._exclude)
+            if decision.server is not None:
+                self._route(decision)
+                return
+        self._fail(503, "no server could be reached")
+
+    def _retry(self, server: Server) -> None:
+        if self._state == _EXCHANGE and self._backend is None:
+            self._connect(server)
+        else:
+            self._ctx.pool.release(server)
+
+    def backend_connected(self, backend: Backend) -> None:
+        """A connection attempt succeeded."""
+        self._connecting = None
+        if self._state != _EXCHANGE:
+            self._ctx.pool.release(backend.server)
+            backend.detach_and_close()
+            return
+        self._attach(backend)
+
+    def _attach(self, backend: Backend) -> None:
+        """Send the request to a connected backend and stream the rest."""
+        self._backend = backend
+        backend.start_response()
+        btransport = backend.transport
+        # Each transport throttles the other: a full write buffer on one side
+        # pauses reading on the other (Twisted's portforward pattern).
+        btransport.registerProducer(self._throttle, True)
+        self.transport.registerProducer(backend.throttle, True)
+        relay_write(btransport, self._request_bytes)
+        self._throttle.resume(Throttle.WAITING)
+        pending, self._pending = self._pending, b""
+        if self._request_done:
+            self._watch(_T_SERVER)
+            if pending:
+                self._hold(pending)
+        else:
+            self._watch(_T_CLIENT)
+            if pending:
+                self._forward_request_body(pending)
+
+    def _forward_request_body(self, data: bytes) -> None:
+        backend = self._backend
+        if backend is None:
+            # Still connecting: keep the bytes (reading is paused meanwhile).
+            self._pending += data
+            return
+        body = self._body
+        assert body is not None
+        try:
+            out, rest = body.feed(data)
+        except ProtocolError as e:
+            self._fail(e.status_hint or 400, e.reason)
+            return
+        if out:
+            relay_write(backend.transport, out)
+        if body.done:
+            self._request_done = True
+            self._timer_kind = _T_SERVER
+            if rest:
+                self._hold(rest)
+
+    # -- the response --------------------------------------------------------
+
+    def response_head(self, head: ResponseHead) -> None:
+        """A complete response head arrived from the backend."""
+        request = self._request
+        decision = self._decision
+        backend = self._backend
+        assert request is not None and decision is not None and backend is not None
+        status = head.status
+        if status == 101:
+            try:
+                validate_upgrade_response(request, head)
+            except ProtocolError as e:
+                self._fail(502, e.reason)
+                return
+        elif status < 200:
+            # Interim responses (100 Continue, 103 Early Hints) are relayed
+            # as they are; the final response follows (RFC 9110 §15.2).
+            relay_write(self.transport, head.serialize())
+            return
+        framing = response_framing(head, request.method)
+        close = self._close_after or self._client_eof
+        if framing.kind == "close" and status != 101:
+            # A body that ends when the server closes cannot be followed by
+            # another response on this connection (RFC 9112 §6.3 step 8).
+            close = True
+        server = backend.server
+        insert = server.cookie if decision.set_cookie and server.cookie else None
+        prepare_response(
+            head, self._ctx.options, insert_value=insert, close=close and status != 101
+        )
+        self._response_started = True
+        self._close_after = close
+        relay_write(self.transport, head.serialize())
+        if status == 101:
+            self._start_tunnel(backend)
+        else:
+            backend.start_body(framing)
+
+    def response_body(self, data: bytes) -> None:
+        """Part of a response body, already framed: forward it."""
+        self._last = self._ctx.reactor.seconds()
+        relay_write(self.transport, data)
+
+    def response_done(self, reusable: bool) -> None:
+        """The whole response has been relayed."""
+        backend = self._backend
+        assert backend is not None
+        self._release_backend()
+        if reusable and self._request_done and not self._close_after:
+            backend.park()
+            self._idle_backend = backend
+        else:
+            backend.detach_and_close()
+        if not self._request_done or self._close_after or self._client_eof:
+            self._close()
+        else:
+            self._next_request()
+
+    def _next_request(self) -> None:
+        """Go back to waiting for a request on a keep-alive connection."""
+        self._request = None
+        self._decision = None
+        self._body = None
+        self._state = _IDLE
+        self._arm(self._ctx.config.proxy.timeout_http_keep_alive, _T_KEEPALIVE)
+        self._throttle.resume(Throttle.WAITING)
+        pending, self._pending = self._pending, b""
+        if pending:
+            self._read_head(pending)
+
+    def _release_backend(self) -> Backend | None:
+        """Stop relaying with the current backend; give back its slot."""
+        backend = self._backend
+        if backend is None:
+            return None
+        self._backend = None
+        self._ctx.pool.release(backend.server)
+        if backend.transport is not None:
+            backend.transport.unregisterProducer()
+        if self.transport is not None:
+            self.transport.unregisterProducer()
+        self._throttle.resume(Throttle.BACKPRESSURE)
+        return backend
+
+    def backend_lost(self, backend: Backend, got_response: bool, reason: str) -> None:
+        """The backend closed before its response was complete."""
+        if backend is self._idle_backend:
+            self._idle_backend = None
+            return
+        if backend is not self._backend:
+            return
+        self._release_backend()
+        if self._state == _TUNNEL:
+            self._close()
+            return
+        request = self._request
+        if (
+            not got_response
+            and self._reused
+            and request is not None
+            and request.framing.kind == "none"
+        ):
+            # A reused keep-alive connection may be closed by the server just
+            # as a new request goes out. Nothing was answered and the request
+            # has no body, so it is safely sent again on a fresh connection.
+            self._reused = False
+            self._request_bytes = request.serialize()
+            self._ctx.pool.acquire(backend.server)
+            self._connect(backend.server)
+            return
+        self._fail(502, reason)
+
+    # -- tunnel ----------------------------------------------------------------
+
+    def _start_tunnel(self, backend: Backend) -> None:
+        self._state = _TUNNEL
+        self._request = None
+        self._body = None
+        self._watch(_T_TUNNEL)
+        backend.start_tunnel()
+        pending, self._pending = self._pending, b""
+        if pending:
+            # Bytes the client sent right after its upgrade request (e.g. the
+            # first WebSocket frames) belong to the new protocol.
+            relay_write(backend.transport, pending)
+
+    def tunnel_data(self, data: bytes) -> None:
+        """Bytes from the server side of a tunnel."""
+        self._last = self._ctx.reactor.seconds()
+        relay_write(self.transport, data)
+
+    def tunnel_server_eof(self) -> None:
+        """The server half-closed a tunnel: pass the FIN on."""
+        self._server_eof = True
+        if self._client_eof:
+            self._close()
+        else:
+            self.transport.loseWriteConnection()
+
+    # -- half-close --------------------------------------------------------------
+
+    def readConnectionLost(self) -> None:
+        """The client sent FIN."""
+        if self._state == _TUNNEL:
+            self._client_eof = True
+            backend = self._backend
+            if self._server_eof or backend is None:
+                self._close()
+            else:
+                backend.transport.loseWriteConnection()
+            return
+        if self._state == _EXCHANGE and self._request_done:
+            # A client may half-close once its request is sent; answer it.
+            self._client_eof = True
+            self._close_after = True
+            return
+        self._close()
+
+    def writeConnectionLost(self) -> None:
+        """Our FIN to the client went out; nothing more to do."""
+
+    # -- ending ---------------------------------------------------------------------
+
+    def _fail(self, status: int, reason: str) -> None:
+        """Answer with the proxy's own error page if nothing was sent yet.
+
+        The connection closes afterwards, except for a 503 when no server is
+        available to a request without a body: like HAProxy, the client may
+        try again on the same connection.
+        """
+        log.info(
+            "{client}: {status} {reason}", client=self.peer_text(), status=status, reason=reason
+        )
+        backend = self._release_backend()
+        if backend is not None:
+            backend.detach_and_close()
+        if self._response_started or self._state in (_CLOSED, _TUNNEL):
+            self._close()
+            return
+        keep = (
+            status == 503
+            and self._state == _EXCHANGE
+            and self._request_done
+            and not self._close_after
+        )
+        self.transport.write(error_response(status, close=not keep))
+        if keep:
+            self._next_request()
+        else:
+            self._close()
+
+    def _close(self) -> None:
+        if self._state == _CLOSED:
+            return
+        self._state = _CLOSED
+        self._disarm()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _abort(self) -> None:
+        self._state = _CLOSED
+        self._disarm()
+        self.transport.abortConnection()
+
+    def close_when_idle(self) -> bool:
+        """Close now if no request is in flight, else after the current one.
+
+        :return: whether the connection was closed at once.
+        """
+        if self._state in (_PROXY, _IDLE, _CLOSED):
+            self._close()
+            return True
+        self._close_after = True
+        return False
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._state = _CLOSED
+        self._disarm()
+        backend = self._release_backend()
+        if backend is not None:
+            backend.detach_and_close()
+        idle, self._idle_backend = self._idle_backend, None
+        if idle is not None:
+            idle.detach_and_close()
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:
+            connecting.cancel()
+        self._ctx.discard(self)
+
+
+# Backend states.
+_B_IDLE = 0  # connected, nothing asked (or parked between requests)
+_B_HEAD = 1  # waiting for a response head
+_B_BODY = 2  # relaying a response body
+_B_TUNNEL = 3  # spliced after a 101
+_B_CLOSED = 4
+
+
+@implementer(IProtocol, IHalfCloseableProtocol)
+class Backend:
+    """A connection to one server, serving one :class:`Frontend`."""
+
+    __slots__ = (
+        "_body",
+        "_got_response",
+        "_parser",
+        "_reusable",
+        "_state",
+        "alive",
+        "connector",
+        "frontend",
+        "server",
+        "throttle",
+        "transport",
+    )
+
+    throttle: Throttle
+
+    def __init__(self, connector: _BackendConnector) -> None:
+        self.connector: _BackendConnector | None = connector
+        self.frontend: Frontend | None = connector.frontend
+        self.server = connector.server
+        self.transport: Any = None
+        self._state = _B_IDLE
+        self._parser: HeadParser[ResponseHead] | None = None
+        self._body: BodyReader | None = None
+        self._got_response = False
+        self._reusable = True
+        self.alive = False
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self.throttle = Throttle(transport)
+        self.connectionMade()
+
+    def connectionMade(self) -> None:
+        self.alive = True
+        self.transport.setTcpNoDelay(True)
+        connector, self.connector = self.connector, None
+        frontend = self.frontend
+        if frontend is None or connector is None or connector.cancelled:
+            self.detach_and_close()
+            return
+        frontend.backend_connected(self)
+
+    def start_response(self) -> None:
+        """A request is about to be sent: expect a response head."""
+        self._state = _B_HEAD
+        self._got_response = False
+        if self._parser is None:
+            frontend = self.frontend
+            assert frontend is not None
+            cfg = frontend._ctx.config.proxy
+            # Response heads get the same budget as request heads; a larger
+            # one is answered with 502, as HAProxy does.
+            self._parser = HeadParser(
+                "response", max_size=cfg.max_head_size, max_headers=cfg.max_headers
+            )
+
+    def start_body(self, framing: Framing) -> None:
+        """The response head was relayed: stream the body that follows."""
+        assert self._parser is not None
+        rest = self._parser.take_rest()
+        if framing.kind == "none":
+            if rest:
+                # Bytes where no body may be: never trust this connection again.
+                self._reusable = False
+            self._finish()
+            return
+        self._body = BodyReader(framing)
+        self._state = _B_BODY
+        if rest:
+            self._feed_body(rest)
+
+    def start_tunnel(self) -> None:
+        """A 101 was relayed: from now on bytes flow unparsed."""
+        self._state = _B_TUNNEL
+        parser, self._parser = self._parser, None
+        assert parser is not None
+        rest = parser.take_rest()
+        if rest and self.frontend is not None:
+            self.frontend.tunnel_data(rest)
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self._state
+        frontend = self.frontend
+        if frontend is None:
+            return
+        if state == _B_TUNNEL:
+            frontend.tunnel_data(data)
+        elif state == _B_BODY:
+            self._feed_body(data)
+        elif state == _B_HEAD:
+            self._read_head(frontend, data)
+        elif state == _B_IDLE:
+            # A server talking when nobody asked it anything is confused.
+            self._reusable = False
+            frontend.backend_lost(self, False, "unsolicited bytes")
+            self.detach_and_close()
+
+    def _read_head(self, frontend: Frontend, data: bytes) -> None:
+        self._got_response = True
+        parser = self._parser
+        assert parser is not None
+        frontend._last = frontend._ctx.reactor.seconds()
+        while True:
+            try:
+                head = parser.feed(data)
+            except ProtocolError as e:
+                self._reusable = False
+                frontend._fail(502, f"bad response from {self.server.name}: {e.reason}")
+                return
+            if head is None:
+                return
+            if not head.keep_alive:
+                self._reusable = False
+            frontend.response_head(head)
+            if self._state != _B_HEAD or self.frontend is None:
+                return
+            # That was an interim (1xx) response; the final one follows.
+            data = parser.take_rest()
+            if not data:
+                return
+
+    def _feed_body(self, data: bytes) -> None:
+        body = self._body
+        frontend = self.frontend
+        assert body is not None and frontend is not None
+        try:
+            out, rest = body.feed(data)
+        except ProtocolError as e:
+            self._reusable = False
+            frontend._fail(502, f"bad response body from {self.server.name}: {e.reason}")
+            return
+        if out:
+            frontend.response_body(out)
+        if body.done:
+            if rest:
+                # More bytes than the framing allows: never reuse.
+                self._reusable = False
+            self._finish()
+
+    def _finish(self) -> None:
+        self._state = _B_IDLE
+        self._body = None
+        frontend = self.frontend
+        assert frontend is not None
+        frontend.response_done(self._reusable)
+
+    def park(self) -> None:
+        """Stay connected, idle, for the next request of the same client."""
+        self._state = _B_IDLE
+
+    def detach_and_close(self) -> None:
+        """Forget the frontend and close."""
+        self.frontend = None
+        self._state = _B_CLOSED
+        if self.alive:
+            self.transport.loseConnection()
+
+    def readConnectionLost(self) -> None:
+        """The server sent FIN."""
+        frontend = self.frontend
+        if frontend is not None and self._state == _B_TUNNEL:
+            frontend.tunnel_server_eof()
+            return
+        if frontend is not None and self._state == _B_BODY and self._body is not None:
+            try:
+                self._body.eof()
+            except ProtocolError:
+                pass
+            else:
+                # A read-until-close body ends here (RFC 9112 §6.3 step 8).
+                self._reusable = False
+                self._finish()
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """Our FIN to the server went out; nothing more to do."""
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.alive = False
+        frontend, self.frontend = self.frontend, None
+        state, self._state = self._state, _B_CLOSED
+        if frontend is None:
+            return
+        if state == _B_TUNNEL:
+            frontend.backend_lost(self, True, "tunnel closed by the server")
+        elif state == _B_BODY:
+            frontend.backend_lost(self, True, "server closed in the middle of the body")
+        else:
+            frontend.backend_lost(
+                self, self._got_response, f"{self.server.name} closed without a complete response"
+            )
+
+
+class _BackendConnector(ClientFactory):
+    """One connection attempt to a server on behalf of a frontend."""
+
+    def __init__(self, frontend: Frontend, server: Server) -> None:
+        self.frontend = frontend
+        self.server = server
+        self.cancelled = False
+
+    def buildProtocol(self, addr: IAddress) -> Backend:  # type: ignore[override]
+        return Backend(self)
+
+    def cancel(self) -> None:
+        """The frontend went away: give the slot back, drop any connection."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.frontend._ctx.pool.release(self.server)
+
+    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+        if not self.cancelled:
+            self.frontend.backend_connect_failed(self.server, reason)
+
+    def clientConnectionLost(self, connector: object, reason: Failure) -> None:
+        """Handled by the protocol itself."""
+
+
+class FrontendFactory(Factory):
+    """Builds a :class:`Frontend` per accepted connection."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+
+    def buildProtocol(self, addr: IAddress) -> Frontend:  # type: ignore[override]
+        return Frontend(self.ctx)
+
+
+def _host_port(address: object) -> tuple[str, int]:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", 0)
+    if isinstance(host, str):
+        return host, int(port)
+    return "0.0.0.0", 0
+
+
+def _is_trusted(ip: str, networks: tuple[IPNetwork, ...]) -> bool:
+    if not networks:
+        return True
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr.version == net.version and addr in net for net in networks)

@@ -1,0 +1,130 @@
+"""What the proxy changes in the messages it forwards, and its own answers.
+
+Pure functions over parsed heads (:mod:`stickyproxy.httphead`): the Twisted
+shell calls them once per request and once per response and forwards every
+other byte as it came.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stickyproxy import cookies
+from stickyproxy.config import CookieConfig
+from stickyproxy.httphead import RequestHead, ResponseHead, strip_hop_by_hop
+
+_X_FORWARDED_FOR = b"x-forwarded-for"
+_SET_COOKIE = b"set-cookie"
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardOptions:
+    """The settings that shape a forwarded request or response."""
+
+    cookie: CookieConfig
+    forwarded_for: bool = True
+
+
+def prepare_request(head: RequestHead, client_ip: str, options: ForwardOptions) -> list[str]:
+    """Rewrite a request head in place for the backend.
+
+    Returns the values of the persistence cookie the client presented, in
+    order, for the caller to route on.
+
+    - With ``indirect``, the persistence cookie is removed from ``Cookie``
+      byte-exactly and the other cookies are kept (HAProxy ``insert indirect``);
+      a ``Cookie`` header left empty disappears.
+    - Hop-by-hop headers are removed (RFC 9110 §7.6.1), except the pair a
+      WebSocket upgrade needs (RFC 6455 §4.1).
+    - ``X-Forwarded-For`` is replaced by the client address the connection
+      (or its PROXY header) vouches for: a value the client sent itself is
+      not evidence of anything, so it is never passed on.
+    """
+    values, stripped = cookies.extract(head.headers, options.cookie.name)
+    if options.cookie.indirect:
+        head.headers = stripped
+    strip_hop_by_hop(head, keep_upgrade=head.is_websocket_upgrade)
+    if options.forwarded_for:
+        head.remove(_X_FORWARDED_FOR)
+        head.add(b"X-Forwarded-For", client_ip.encode("ascii"))
+    return values
+
+
+def prepare_response(
+    head: ResponseHead,
+    options: ForwardOptions,
+    *,
+    insert_value: str | None,
+    close: bool,
+) -> None:
+    """Rewrite a response head in place for the client.
+
+    :param insert_value: the cookie value to set (the client had no valid
+        cookie for the server that answered), or ``None``.
+    :param close: the proxy closes the client connection after this response.
+
+    A backend's own ``Set-Cookie`` for the persistence cookie is dropped, as
+    HAProxy's ``insert`` mode does without ``preserve``: the proxy alone
+    decides where a client is pinned. Every status gets the cookie, 101 and
+    4xx included, so stickiness is set up during a WebSocket handshake.
+
+    ``nocache``: a response that carries the inserted cookie is marked
+    ``private`` (RFC 9111 §5.2.2.7) whatever its cacheability, so a shared
+    cache can never hand one client's pin to another. HAProxy only does this
+    for responses it judges cacheable, which skips the typical dynamic page.
+    """
+    name = options.cookie.name
+    if any(lower == _SET_COOKIE for lower in _lower_names(head)):
+        head.headers = [
+            (n, v)
+            for n, v in head.headers
+            if n.lower() != _SET_COOKIE or not cookies.is_own_set_cookie(v, name)
+        ]
+    strip_hop_by_hop(head, keep_upgrade=head.status == 101)
+    if insert_value is not None:
+        head.add(b"Set-Cookie", cookies.set_cookie_value(options.cookie, insert_value))
+        if options.cookie.nocache and head.status >= 200:
+            head.headers = cookies.make_private(head.headers)
+    if close:
+        head.add(b"Connection", b"close")
+
+
+def _lower_names(head: ResponseHead) -> list[bytes]:
+    return [n.lower() for n, _ in head.headers]
+
+
+_REASONS = {
+    400: (b"Bad Request", "Your browser sent an invalid request."),
+    403: (b"Forbidden", "Request forbidden."),
+    408: (b"Request Timeout", "Your browser didn't send a complete request in time."),
+    413: (b"Payload Too Large", "The request body is not allowed here."),
+    414: (b"URI Too Long", "The request target is too long."),
+    421: (b"Misdirected Request", "This request was sent to the wrong server."),
+    431: (b"Request Header Fields Too Large", "The request headers are too large."),
+    501: (b"Not Implemented", "The request uses a feature this proxy does not support."),
+    502: (b"Bad Gateway", "The server returned an invalid or incomplete response."),
+    503: (b"Service Unavailable", "No server is available to handle this request."),
+    504: (b"Gateway Timeout", "The server didn't respond in time."),
+    505: (b"HTTP Version Not Supported", "This proxy speaks HTTP/1.0 and HTTP/1.1 only."),
+}
+
+
+def error_response(status: int, *, close: bool) -> bytes:
+    """The proxy's own answer: a short HTML page, never cached.
+
+    ``Connection: close`` is sent whenever the proxy closes the connection
+    afterwards, so the client knows not to reuse it (RFC 9112 §9.6).
+    """
+    reason, text = _REASONS.get(status, (b"Error", "The request could not be handled."))
+    body = (
+        f"<html><body><h1>{status} {reason.decode()}</h1>\n{text}\n</body></html>\n"
+    ).encode()
+    lines = [
+        b"HTTP/1.1 %d %s" % (status, reason),
+        b"Content-Type: text/html",
+        b"Content-Length: %d" % len(body),
+        b"Cache-Control: no-cache",
+    ]
+    if close:
+        lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body

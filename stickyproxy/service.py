@@ -1,0 +1,163 @@
+"""The public embedding API: one proxy, started and stopped on a given reactor.
+
+::
+
+    proxy = StickyProxy(load_config("conf.ini"), reactor)
+    yield proxy.start()          # listening, health checks running
+    proxy.pool.set_admin("s2", "drain")
+    yield proxy.stop()           # stops accepting, finishes what is in flight
+
+Nothing here touches the global reactor: the caller passes it in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, inlineCallbacks
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from stickyproxy.config import Config
+from stickyproxy.health import HealthChecker, log_transition
+from stickyproxy.pool import Pool
+from stickyproxy.relay import FrontendFactory, ProxyContext
+
+log = Logger(namespace="stickyproxy")
+
+
+class StickyProxy:
+    """A sticky proxy bound to a configuration and a reactor.
+
+    :param config: a validated :class:`~stickyproxy.config.Config`.
+    :param reactor: the reactor to listen, connect and keep time with.
+    :param health_client: a treq ``HTTPClient`` for health checks (tests
+        inject one); by default each check opens a fresh connection.
+    """
+
+    def __init__(self, config: Config, reactor: Any, *, health_client: Any = None) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.pool = Pool(config.servers, config.health, config.balance)
+        self.pool.add_listener(log_transition)
+        self.context = ProxyContext(config, self.pool, reactor)
+        self.context.on_count_change = self._count_changed
+        self.health = HealthChecker(self.pool, config.health, reactor, client=health_client)
+        self.ports: list[Any] = []
+        self._demo_ports: list[Any] = []
+        self._accepting = True
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The (host, port) each listener is bound to (useful with port 0)."""
+        result = []
+        for port in self.ports:
+            address = port.getHost()
+            result.append((getattr(address, "host", ""), getattr(address, "port", 0)))
+        return result
+
+    @inlineCallbacks
+    def start(self) -> Any:
+        """Start the demo backends (if configured), listen, start checking."""
+        if self.config.demo.backends:
+            from stickyproxy.demo import listen_demo_backend
+
+            for server in self.config.servers:
+                description = f"tcp:{server.port}:interface={_endpoint_host(server.host)}"
+                port = yield listen_demo_backend(server.name, description, self.reactor)
+                self._demo_ports.append(port)
+        factory = FrontendFactory(self.context)
+        for description in self.config.proxy.listen:
+            endpoint = serverFromString(self.reactor, description)
+            port = yield endpoint.listen(factory)
+            self.ports.append(port)
+        for host, port_number in self.addresses:
+            log.info("stickyproxy listening on {host}:{port}", host=host, port=port_number)
+        self.health.start()
+
+    def _count_changed(self, count: int) -> None:
+        """Stop accepting at ``maxconn``; the kernel backlog holds the rest.
+
+        HAProxy does the same: extra connections wait to be accepted rather
+        than being refused or answered with an error.
+        """
+        limit = self.config.proxy.maxconn
+        if self._accepting and count >= limit:
+            self._accepting = False
+            for port in self.ports:
+                port.stopReading()
+        elif not self._accepting and count < limit:
+            self._accepting = True
+            for port in self.ports:
+                port.startReading()
+
+    @inlineCallbacks
+    def stop(self, grace: float = 10.0) -> Any:
+        """Stop gracefully.
+
+        Stop listening and checking, close idle client connections, let
+        requests in flight finish for up to ``grace`` seconds, then close what
+        is left (open WebSockets included).
+        """
+        self.health.stop()
+        ports, self.ports = self.ports, []
+        yield gatherResults([port.stopListening() for port in ports])
+        for conn in list(self.context.connections):
+            conn.close_when_idle()
+        waited = 0.0
+        step = 0.05
+        while self.context.connections and waited < grace:
+            yield deferLater(self.reactor, step, lambda: None)
+            waited += step
+        for conn in list(self.context.connections):
+            if conn.transport is not None:
+                conn.transport.abortConnection()
+        demo_ports, self._demo_ports = self._demo_ports, []
+        yield DeferredList([port.stopListening() for port in demo_ports])
+
+
+class StickyProxyService(Service):
+    """The proxy as a Twisted application service (what ``twistd`` runs).
+
+    :param ready_file: once listening, the bound addresses are written there
+        as JSON (``{"listen": [[host, port], ...]}``): tests and supervisors
+        use it to learn OS-chosen ports.
+    """
+
+    def __init__(self, config: Config, reactor: Any, ready_file: str | None = None) -> None:
+        self.proxy = StickyProxy(config, reactor)
+        self.ready_file = ready_file
+        self._started: Deferred[Any] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        d = self.proxy.start()
+        d.addCallback(lambda _: self._write_ready())
+        d.addErrback(self._failed)
+        self._started = d
+
+    def _write_ready(self) -> None:
+        if self.ready_file is None:
+            return
+        import json
+        import os
+
+        tmp = self.ready_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"listen": [list(a) for a in self.proxy.addresses]}, f)
+        os.replace(tmp, self.ready_file)
+
+    def _failed(self, failure: Any) -> None:
+        log.failure("stickyproxy could not start", failure)
+        self.proxy.reactor.stop()
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        return self.proxy.stop()
+
+
+def _endpoint_host(host: str) -> str:
+    # Twisted endpoint strings escape colons in IPv6 addresses.
+    return host.replace(":", "\\:")

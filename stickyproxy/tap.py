@@ -1,0 +1,53 @@
+"""``twistd stickyproxy``: command-line options and the service they make."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from stickyproxy.config import Config, load_config
+from stickyproxy.errors import ConfigError
+
+
+class Options(usage.Options):
+    """``twistd stickyproxy -c FILE [--check] [--ready-file PATH]``."""
+
+    synopsis = "[options]"
+    optParameters = [
+        ["config", "c", None, "configuration file (INI)"],
+        ["ready-file", None, None, "write the bound addresses here as JSON once listening"],
+    ]
+    optFlags = [
+        ["check", None, "validate the configuration, print every problem, and exit"],
+    ]
+
+    loaded: Config
+
+    def postOptions(self) -> None:
+        path = self["config"]
+        if not path:
+            raise usage.UsageError("a configuration file is required: -c FILE")
+        try:
+            self.loaded = load_config(path)
+        except ConfigError as e:
+            if self["check"]:
+                for problem in e.problems:
+                    print(f"{path}: {problem}", file=sys.stderr)
+                raise SystemExit(1) from None
+            raise usage.UsageError(str(e)) from None
+        if self["check"]:
+            print(f"{path}: OK")
+            raise SystemExit(0)
+
+
+def makeService(options: Options) -> IService:
+    """Build the proxy service on the reactor twistd installed."""
+    from twisted.internet import reactor
+
+    from stickyproxy.service import StickyProxyService
+
+    service: Any = StickyProxyService(options.loaded, reactor, ready_file=options["ready-file"])
+    return service  # type: ignore[no-any-return]
