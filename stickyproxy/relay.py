@@ -421,7 +421,7 @@ class Frontend:
         self._response_started = False
         self._close_after = head.close_after or not head.keep_alive
         self._body = BodyReader(head.framing)
-        self._request_done = head.framing.kind == "none"
+        self._request_done = self._body.done
         self._pending = rest
         self._retries_left = ctx.config.proxy.retries
         self._exclude = set()
@@ -659,7 +659,8 @@ class Frontend:
             not got_response
             and self._reused
             and request is not None
-            and request.framing.kind == "none"
+            and request.framing.kind in ("none", "length")
+            and request.framing.length == 0
         ):
             # A reused keep-alive connection may be closed by the server just
             # as a new request goes out. Nothing was answered and the request
@@ -862,13 +863,14 @@ class Backend:
         """The response head was relayed: stream the body that follows."""
         assert self._parser is not None
         rest = self._parser.take_rest()
-        if framing.kind == "none":
+        body = BodyReader(framing)
+        if body.done:
             if rest:
                 # Bytes where no body may be: never trust this connection again.
                 self._reusable = False
             self._finish()
             return
-        self._body = BodyReader(framing)
+        self._body = body
         self._state = _B_BODY
         if rest:
             self._feed_body(rest)
@@ -997,6 +999,9 @@ class Backend:
 
 class _BackendConnector(ClientFactory):
     """One connection attempt to a server on behalf of a frontend."""
+
+    # One log line per backend connection would drown everything else.
+    noisy = False
 
     def __init__(self, frontend: Frontend, server: Server) -> None:
         self.frontend = frontend

@@ -1,0 +1,492 @@
+"""The relay protocols, driven in memory: no sockets, time from a fake clock.
+
+Connection attempts land in ``MemoryReactorClock.tcpClients``; the test plays
+the backend by building its protocol on a string transport, so every byte
+either side sees can be asserted exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionRefusedError as TwistedConnectionRefused
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from stickyproxy.config import parse_config
+from stickyproxy.pool import Pool
+from stickyproxy.proxyproto import format_v1
+from stickyproxy.relay import Backend, Frontend, FrontendFactory, ProxyContext
+
+CONFIG = """
+[proxy]
+listen = tcp:0
+proxy_protocol = required
+trusted_proxies = 127.0.0.0/8
+timeout_http_request = 3s
+timeout_http_keep_alive = 5s
+timeout_server = 10s
+timeout_client = 10s
+timeout_tunnel = 30s
+timeout_connect = 2s
+retries = 2
+redispatch = {redispatch}
+
+[server s1]
+address = 10.1.0.1:80
+
+[server s2]
+address = 10.1.0.2:80
+
+[server s3]
+address = 10.1.0.3:80
+"""
+
+KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: " + KEY + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+SWITCH = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
+
+
+class FakeTCP(StringTransport):
+    """A string transport with the TCP extras the relay uses."""
+
+    def __init__(self, peer: IPv4Address | None = None) -> None:
+        super().__init__(peerAddress=peer)
+        self.write_closed = False
+        self.aborted = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+
+
+class Harness:
+    """One proxy, one client connection, and the backends it opened."""
+
+    def __init__(self, *, redispatch: bool = True, peer: str = "127.0.0.1") -> None:
+        config = parse_config(CONFIG.format(redispatch=str(redispatch).lower()))
+        self.reactor = MemoryReactorClock()
+        self.pool = Pool(config.servers, config.health, config.balance)
+        self.ctx = ProxyContext(config, self.pool, self.reactor)
+        self.client = FakeTCP(IPv4Address("TCP", peer, 40000))
+        self.frontend: Frontend = FrontendFactory(self.ctx).buildProtocol(None)  # type: ignore[arg-type]
+        self.frontend.makeConnection(self.client)
+        self.backends: list[tuple[Backend, FakeTCP]] = []
+
+    def send(self, data: bytes) -> None:
+        self.frontend.dataReceived(data)
+
+    def proxy_header(self, source: str = "203.0.113.7") -> None:
+        self.send(format_v1((source, 40000), ("10.0.0.1", 80)))
+
+    def attempts(self) -> list[tuple[str, int, Any]]:
+        return [(host, port, factory) for host, port, factory, *_ in self.reactor.tcpClients]
+
+    def accept(self, index: int = -1) -> tuple[Backend, FakeTCP]:
+        """Let the connection attempt number ``index`` succeed."""
+        _, _, factory = self.attempts()[index]
+        backend = factory.buildProtocol(None)
+        transport = FakeTCP()
+        backend.makeConnection(transport)
+        self.backends.append((backend, transport))
+        return backend, transport
+
+    def refuse(self, index: int = -1) -> None:
+        _, _, factory = self.attempts()[index]
+        factory.clientConnectionFailed(None, Failure(TwistedConnectionRefused()))
+
+    def server_of(self, index: int = -1) -> str:
+        host, _, _ = self.attempts()[index]
+        return {"10.1.0.1": "s1", "10.1.0.2": "s2", "10.1.0.3": "s3"}[host]
+
+    def output(self) -> bytes:
+        data = self.client.value()
+        self.client.clear()
+        return data
+
+
+def ok(body: bytes = b"hi", extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+# -- routing and cookies ----------------------------------------------------------
+
+
+def test_first_request_is_hashed_on_the_proxy_header_address_and_gets_the_cookie() -> None:
+    h = Harness()
+    h.proxy_header("203.0.113.7")
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+    server = h.server_of()
+    expected = h.pool.choose([], __import__("stickyproxy.hashring").hashring.address_key("203.0.113.7"))
+    assert expected.server is not None and server == expected.server.name
+    _, backend = h.accept()
+    assert backend.value() == b"GET / HTTP/1.1\r\nHost: app\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n"
+    h.backends[0][0].dataReceived(ok())
+    out = h.output()
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[-2:] == [
+        b"Set-Cookie: storify_editor_host=%s; path=/" % server.encode(),
+        b"Cache-Control: private",
+    ]
+    assert body == b"hi"
+    assert not h.client.disconnecting
+
+
+def test_a_valid_cookie_routes_and_is_stripped_byte_exactly() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\nCookie: a=1; storify_editor_host=s3; b=2\r\n\r\n")
+    assert h.server_of() == "s3"
+    backend, transport = h.accept()
+    assert b"\r\nCookie: a=1; b=2\r\n" in transport.value()
+    backend.dataReceived(ok())
+    assert b"Set-Cookie" not in h.output()
+
+
+def test_pipelined_requests_are_each_routed_on_their_own() -> None:
+    """Case 40: none, s3, s1 on one connection; only the first gets a cookie."""
+    h = Harness()
+    h.proxy_header()
+    h.send(
+        b"GET /1 HTTP/1.1\r\nHost: app\r\n\r\n"
+        b"GET /2 HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host=s3\r\n\r\n"
+        b"GET /3 HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host=s1\r\n\r\n"
+    )
+    first = h.server_of()
+    backend, transport = h.accept()
+    assert transport.value().startswith(b"GET /1 ")
+    backend.dataReceived(ok(b"one"))
+    served = [first]
+    answers = [h.output()]
+    for index, body in ((1, b"two"), (2, b"three")):
+        if len(h.attempts()) > index:
+            served.append(h.server_of(index))
+            backend, transport = h.accept(index)
+        else:  # the kept-alive backend connection was reused
+            served.append(served[-1])
+        backend.dataReceived(ok(body))
+        answers.append(h.output())
+    assert served[1:] == ["s3", "s1"]
+    assert b"Set-Cookie" in answers[0]
+    assert b"Set-Cookie" not in answers[1] + answers[2]
+    assert answers[2].endswith(b"three")
+
+
+def test_keep_alive_reuses_the_backend_connection_for_the_same_server() -> None:
+    h = Harness()
+    h.proxy_header()
+    for n in range(5):
+        h.send(b"GET /%d HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host=s2\r\n\r\n" % n)
+        if n == 0:
+            h.accept()
+        backend, transport = h.backends[0]
+        assert transport.value().startswith(b"GET /%d " % n)
+        transport.clear()
+        backend.dataReceived(ok())
+        assert h.output().endswith(b"hi")
+    assert len(h.attempts()) == 1
+
+
+def test_a_backend_set_cookie_with_our_name_is_dropped() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host=s1\r\n\r\n")
+    backend, _ = h.accept()
+    backend.dataReceived(
+        ok(extra=b"Set-Cookie: storify_editor_host=fromapp\r\nSet-Cookie: other=1\r\n")
+    )
+    out = h.output()
+    assert b"fromapp" not in out
+    assert b"Set-Cookie: other=1\r\n" in out
+
+
+def test_a_cookie_for_a_server_in_maintenance_is_rerouted_with_a_new_cookie() -> None:
+    h = Harness()
+    h.pool.set_admin("s2", "maint")
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host=s2\r\n\r\n")
+    assert h.server_of() != "s2"
+    backend, _ = h.accept()
+    backend.dataReceived(ok())
+    assert b"Set-Cookie: storify_editor_host=%s; path=/" % h.server_of().encode() in h.output()
+
+
+# -- errors --------------------------------------------------------------------------
+
+
+def test_no_server_available_answers_503_and_keeps_the_connection() -> None:
+    h = Harness()
+    for name in ("s1", "s2", "s3"):
+        h.pool.set_admin(name, "maint")
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+    out = h.output()
+    assert out.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"Connection: close" not in out
+    assert not h.client.disconnecting
+    h.pool.set_admin("s1", "ready")
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+    assert h.server_of() == "s1"
+
+
+def test_a_refused_connection_is_redispatched_at_once_and_the_cookie_rewritten() -> None:
+    """Case 45, the faster equivalent: no waiting on a port nobody listens on."""
+    h = Harness()
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host=s1\r\n\r\n")
+    assert h.server_of() == "s1"
+    h.refuse()
+    assert len(h.attempts()) == 2 and h.server_of() != "s1"
+    other = h.server_of()
+    backend, _ = h.accept()
+    backend.dataReceived(ok())
+    assert b"Set-Cookie: storify_editor_host=%s; path=/" % other.encode() in h.output()
+
+
+def test_without_redispatch_a_refused_server_is_retried_then_503() -> None:
+    h = Harness(redispatch=False)
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host=s1\r\n\r\n")
+    for _ in range(2):
+        h.refuse()
+        h.reactor.advance(1.0)
+        assert h.server_of() == "s1"
+    h.refuse()
+    assert len(h.attempts()) == 3
+    assert h.output().startswith(b"HTTP/1.1 503 ")
+    assert all(s.active == 0 for s in h.pool.servers.values())
+
+
+def test_a_backend_closing_without_a_response_gives_502() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+    backend, _ = h.accept()
+    backend.connectionLost(None)
+    out = h.output()
+    assert out.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert b"Connection: close" in out and h.client.disconnecting
+
+
+def test_a_silent_backend_gives_504_after_timeout_server() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+    h.accept()
+    h.reactor.advance(9.9)
+    assert h.output() == b""
+    h.reactor.advance(0.2)
+    assert h.output().startswith(b"HTTP/1.1 504 ")
+
+
+def test_a_malformed_request_gets_400_and_close() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\nBad Header: x\r\n\r\n")
+    out = h.output()
+    assert out.startswith(b"HTTP/1.1 400 ")
+    assert b"Connection: close" in out and h.client.disconnecting
+    assert h.attempts() == []
+
+
+# -- PROXY header and slow clients ----------------------------------------------------
+
+
+def test_the_proxy_header_may_arrive_one_byte_at_a_time() -> None:
+    h = Harness()
+    for byte in format_v1(("198.51.100.9", 1234), ("10.0.0.1", 80)):
+        h.send(bytes([byte]))
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+    _, transport = h.accept()
+    assert b"X-Forwarded-For: 198.51.100.9\r\n" in transport.value()
+
+
+def test_a_bad_proxy_header_closes_without_a_response() -> None:
+    h = Harness()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+    assert h.client.aborted and h.output() == b""
+
+
+def test_a_peer_outside_trusted_proxies_is_closed_without_a_response() -> None:
+    h = Harness(peer="192.0.2.1")
+    assert h.client.aborted and h.output() == b""
+
+
+def test_a_connection_that_sends_nothing_is_closed_silently() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.reactor.advance(3.1)
+    assert h.client.disconnecting and h.output() == b""
+
+
+def test_slowloris_gets_408_when_the_head_deadline_passes() -> None:
+    """Case 67: one byte every half second does not stretch the deadline."""
+    h = Harness()
+    h.proxy_header()
+    for byte in b"GET / HTTP/1.1\r\nHost: a":
+        h.send(bytes([byte]))
+        h.reactor.advance(0.5)
+        if h.client.disconnecting:
+            break
+    out = h.output()
+    assert out.startswith(b"HTTP/1.1 408 ")
+    assert h.reactor.seconds() <= 3.5
+
+
+def test_an_idle_keep_alive_connection_closes_silently() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+    backend, _ = h.accept()
+    backend.dataReceived(ok())
+    h.output()
+    h.reactor.advance(4.9)
+    assert not h.client.disconnecting
+    h.reactor.advance(0.2)
+    assert h.client.disconnecting and h.output() == b""
+
+
+# -- bodies and flow control ---------------------------------------------------------------
+
+
+def test_a_chunked_upload_streams_verbatim_and_the_backend_throttles_the_client() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.send(b"POST /up HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    backend, transport = h.accept()
+    assert transport.value().endswith(b"\r\n\r\n5\r\nhello\r\n")
+    # The client transport is the backend's producer: a full backend buffer
+    # pauses reading from the client.
+    assert transport.producer is not None
+    transport.producer.pauseProducing()
+    assert h.client.producerState == "paused"
+    transport.producer.resumeProducing()
+    assert h.client.producerState == "producing"
+    h.send(b"0\r\n\r\n")
+    assert transport.value().endswith(b"5\r\nhello\r\n0\r\n\r\n")
+    backend.dataReceived(ok(b"stored"))
+    assert h.output().endswith(b"stored")
+
+
+def test_a_response_body_until_close_ends_the_client_connection() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+    backend, _ = h.accept()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\n\r\npart one, ")
+    backend.dataReceived(b"part two")
+    backend.readConnectionLost()
+    out = h.output()
+    assert b"Connection: close\r\n" in out
+    assert out.endswith(b"part one, part two")
+    assert h.client.disconnecting
+
+
+# -- WebSocket ------------------------------------------------------------------------------
+
+
+def test_an_upgrade_becomes_a_tunnel_and_early_client_bytes_follow_the_101() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.send(UPGRADE + b"EARLY")
+    backend, transport = h.accept()
+    # Hop-by-hop headers go, except the upgrade pair (RFC 9110 §7.6.1).
+    sent = transport.value()
+    assert sent.startswith(b"GET /ws HTTP/1.1\r\nHost: app\r\n")
+    assert b"\r\nUpgrade: websocket\r\n" in sent
+    assert b"\r\nConnection: upgrade\r\n" in sent
+    assert sent.endswith(b"\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n")
+    transport.clear()
+    backend.dataReceived(SWITCH + b"server-frame")
+    out = h.output()
+    assert out.startswith(b"HTTP/1.1 101 ")
+    assert b"Set-Cookie: storify_editor_host=" in out
+    assert b"Cache-Control" not in out
+    assert out.endswith(b"\r\n\r\nserver-frame")
+    assert transport.value() == b"EARLY"
+    h.send(b"raw bytes, not HTTP\r\n\r\n")
+    assert transport.value().endswith(b"raw bytes, not HTTP\r\n\r\n")
+
+
+def test_half_close_is_passed_on_inside_a_tunnel() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.send(UPGRADE)
+    backend, transport = h.accept()
+    backend.dataReceived(SWITCH)
+    h.frontend.readConnectionLost()
+    assert transport.write_closed and not h.client.disconnecting
+    backend.dataReceived(b"last words")
+    assert h.output().endswith(b"last words")
+    backend.readConnectionLost()
+    assert h.client.disconnecting
+
+
+def test_an_idle_tunnel_closes_after_timeout_tunnel_not_timeout_client() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.send(UPGRADE)
+    backend, _ = h.accept()
+    backend.dataReceived(SWITCH)
+    for _ in range(5):
+        h.reactor.advance(20)
+        h.send(b"ping")
+    assert not h.client.disconnecting
+    h.reactor.advance(30.1)
+    assert h.client.disconnecting
+
+
+def test_a_refused_upgrade_keeps_the_connection_usable() -> None:
+    """Case 64."""
+    h = Harness()
+    h.proxy_header()
+    h.send(UPGRADE)
+    backend, transport = h.accept()
+    backend.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+    assert h.output().startswith(b"HTTP/1.1 403 ")
+    transport.clear()
+    h.send(b"GET /next HTTP/1.1\r\nHost: app\r\n\r\n")
+    assert transport.value().startswith(b"GET /next ")
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        SWITCH.replace(b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n", b""),
+        SWITCH.replace(b"Connection: Upgrade\r\n", b""),
+    ],
+    ids=["no-accept", "no-connection-upgrade"],
+)
+def test_an_invalid_101_gives_502(response: bytes) -> None:
+    """Case 63."""
+    h = Harness()
+    h.proxy_header()
+    h.send(UPGRADE)
+    backend, _ = h.accept()
+    backend.dataReceived(response)
+    assert h.output().startswith(b"HTTP/1.1 502 ")
+
+
+def test_server_slots_are_given_back_when_the_client_leaves() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.send(UPGRADE)
+    backend, _ = h.accept()
+    backend.dataReceived(SWITCH)
+    assert sum(s.active for s in h.pool.servers.values()) == 1
+    h.frontend.connectionLost(None)
+    assert sum(s.active for s in h.pool.servers.values()) == 0
