@@ -1,0 +1,373 @@
+"""The backend servers, their state, and the choice of a server per request.
+
+State follows HAProxy's model (``doc/management.txt``; ``src/check.c``):
+
+* An *administrative* state set by operators: ``ready``, ``drain`` or
+  ``maint``.
+* A *health* counter driven by checks, from 0 to ``rise + fall - 1``. The
+  server is operational while ``health >= rise``. A failed check decrements
+  it and drops it straight to 0 once it falls below ``rise``; a passed check
+  increments it and lifts it straight to the top once it reaches ``rise``.
+  At startup and when leaving maintenance the counter is ``rise``: the
+  server is up, but the first failure takes it down.
+
+From these, the effective :class:`State` and what traffic a server takes:
+
+========  ======================  ===========================
+state     new (hashed) clients    clients pinned by cookie
+========  ======================  ===========================
+UP        yes, below ``maxconn``  yes
+DRAIN     no                      yes
+DOWN      no                      no: re-hashed, new cookie
+MAINT     no                      no: re-hashed, new cookie
+========  ======================  ===========================
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from stickyproxy.config import BalanceConfig, HealthConfig, ServerConfig
+from stickyproxy.hashring import HAProxyRing, HashRing, Ring
+
+__all__ = ["Admin", "Decision", "Pool", "Server", "State", "Transition"]
+
+Admin = Literal["ready", "drain", "maint"]
+Reason = Literal["cookie", "cookie-unusable", "hash", "redispatch", "none"]
+
+
+class State(enum.Enum):
+    """The effective state of a server, as shown to operators."""
+
+    UP = "UP"
+    DOWN = "DOWN"
+    DRAIN = "DRAIN"
+    MAINT = "MAINT"
+
+
+@dataclass(slots=True, eq=False)
+class Server:
+    """One backend server and its run-time state."""
+
+    config: ServerConfig
+    rise: int
+    fall: int
+    admin: Admin = "ready"
+    health: int = 0
+    active: int = 0
+    last_check: str | None = None
+    last_check_time: float | None = None
+    last_change: float | None = None
+    requests: int = 0
+    check_failures: int = 0
+    transitions: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def cookie(self) -> str:
+        return self.config.cookie
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.config.host, self.config.port)
+
+    @property
+    def weight(self) -> int:
+        return self.config.weight
+
+    @property
+    def operational(self) -> bool:
+        """Whether health checks (if any) currently consider the server up."""
+        return not self.config.check or self.health >= self.rise
+
+    @property
+    def state(self) -> State:
+        if self.admin == "maint":
+            return State.MAINT
+        if not self.operational:
+            return State.DOWN
+        if self.admin == "drain" or self.weight == 0:
+            return State.DRAIN
+        return State.UP
+
+    @property
+    def accepts_new(self) -> bool:
+        """Whether a client without a usable cookie may be placed here."""
+        maxconn = self.config.maxconn
+        return self.state is State.UP and (maxconn == 0 or self.active < maxconn)
+
+    @property
+    def accepts_pinned(self) -> bool:
+        """Whether a client whose cookie names this server may keep using it."""
+        return self.state in (State.UP, State.DRAIN)
+
+    @property
+    def status(self) -> str:
+        """HAProxy's status text: ``UP``, ``UP 2/3`` (going down), ``DOWN 1/2`` (going up)…"""
+        state = self.state
+        if not self.config.check and state is State.UP:
+            return "no check"
+        if state is State.MAINT or not self.config.check:
+            return state.name
+        if state is State.DOWN:
+            return "DOWN" if self.health == 0 else f"DOWN {self.health}/{self.rise}"
+        top = self.rise + self.fall - 1
+        if self.health == top:
+            return state.name
+        return f"{state.name} {self.health - self.rise + 1}/{self.fall}"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where a request goes, why, and whether the response must set our cookie."""
+
+    server: Server | None
+    reason: Reason
+    set_cookie: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A change of a server's effective state."""
+
+    server: str
+    old: State
+    new: State
+    reason: str
+
+
+@dataclass(slots=True)
+class _Bound:
+    """Bounded-load limits for one request (Mirrokni et al., as HAProxy applies them)."""
+
+    factor: int
+    total_active: int
+    total_weight: int
+
+    def allows(self, server: Server) -> bool:
+        # ceil((served + 1) * factor / 100 * weight / total_weight), at least 1.
+        numerator = (self.total_active + 1) * self.factor * server.weight
+        denominator = 100 * self.total_weight
+        limit = max(1, -(-numerator // denominator))
+        return server.active < limit
+
+
+class Pool:
+    """The configured servers and the routing decisions made over them.
+
+    :param servers: in configuration order (HAProxy ring ids are 1-based
+        positions in this order).
+    :param health: ``rise``/``fall`` for the health counter.
+    :param balance: ring choice and bounded-load factor.
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[ServerConfig],
+        health: HealthConfig,
+        balance: BalanceConfig,
+    ) -> None:
+        self.servers: dict[str, Server] = {}
+        self._by_cookie: dict[str, Server] = {}
+        for config in servers:
+            if config.name in self.servers:
+                raise ValueError(f"duplicate server name {config.name!r}")
+            server = Server(config, rise=health.rise, fall=health.fall, health=health.rise)
+            self.servers[config.name] = server
+            if config.cookie:
+                self._by_cookie.setdefault(config.cookie, server)
+        self._balance_factor = balance.hash_balance_factor
+        self.ring: Ring
+        if balance.hash_function == "haproxy":
+            self.ring = HAProxyRing([(s.name, i + 1, s.weight) for i, s in enumerate(servers)])
+        else:
+            self.ring = HashRing({s.name: s.weight for s in servers})
+        self._listeners: list[Callable[[Transition], None]] = []
+
+    # -- routing --------------------------------------------------------------
+
+    def by_cookie(self, value: str) -> Server | None:
+        """Return the server whose cookie value is exactly ``value``.
+
+        Matching is case-sensitive and an empty value never matches, so a
+        client can never stick to a server that has no cookie value.
+        """
+        return self._by_cookie.get(value) if value else None
+
+    def choose(
+        self,
+        cookie_values: Sequence[str],
+        key: bytes,
+        *,
+        exclude: Collection[str] = (),
+    ) -> Decision:
+        """Route one request.
+
+        :param cookie_values: our cookie's values from the request, in order.
+            The first one naming a known server decides: that server if it
+            still takes pinned clients, else the request is hashed.
+        :param key: the hash key (:func:`stickyproxy.hashring.address_key`…).
+        :param exclude: servers not to use for this request.
+        """
+        pinned_elsewhere = False
+        for value in cookie_values:
+            server = self.by_cookie(value)
+            if server is None:
+                continue
+            if server.accepts_pinned and server.name not in exclude:
+                return Decision(server, "cookie", set_cookie=False)
+            pinned_elsewhere = True
+            break
+        server = self._hash(key, exclude)
+        if server is None:
+            return Decision(None, "none", set_cookie=False)
+        return Decision(server, "cookie-unusable" if pinned_elsewhere else "hash", set_cookie=True)
+
+    def redispatch(self, key: bytes, exclude: Collection[str]) -> Decision:
+        """Pick another server after ``exclude`` failed to take the request."""
+        server = self._hash(key, exclude)
+        if server is None:
+            return Decision(None, "none", set_cookie=False)
+        return Decision(server, "redispatch", set_cookie=True)
+
+    def _hash(self, key: bytes, exclude: Collection[str]) -> Server | None:
+        servers = self.servers
+
+        # Only UP servers are on the ring; excluded and full ones are walked
+        # past, as HAProxy walks past its ``avoid`` server and saturated ones.
+        def on_ring(name: str) -> bool:
+            return servers[name].state is State.UP
+
+        def passed_over(name: str) -> bool:
+            return name in exclude or not servers[name].accepts_new
+
+        if self._balance_factor > 0:
+            usable = [s for s in servers.values() if s.state is State.UP]
+            bound = _Bound(
+                factor=self._balance_factor,
+                total_active=sum(s.active for s in servers.values()),
+                total_weight=sum(s.weight for s in usable),
+            )
+            if bound.total_weight > 0:
+                name = self.ring.lookup(
+                    key,
+                    on_ring,
+                    skip=lambda n: passed_over(n) or not bound.allows(servers[n]),
+                )
+                if name is not None:
+                    return servers[name]
+            # The bound can only exclude everyone when exclusions or maxconn
+            # remove the servers under it; serving beats refusing then.
+        name = self.ring.lookup(key, on_ring, skip=passed_over)
+        return None if name is None else servers[name]
+
+    def acquire(self, server: Server) -> None:
+        """Count a request or connection now assigned to ``server``."""
+        server.active += 1
+        server.requests += 1
+
+    def release(self, server: Server) -> None:
+        """Count the end of a request or connection on ``server``."""
+        if server.active > 0:
+            server.active -= 1
+
+    # -- state ----------------------------------------------------------------
+
+    def add_listener(self, callback: Callable[[Transition], None]) -> None:
+        """Call ``callback`` with every :class:`Transition` from now on."""
+        self._listeners.append(callback)
+
+    def record_check(self, name: str, ok: bool, now: float, detail: str) -> Transition | None:
+        """Apply one health-check outcome to server ``name``.
+
+        :param now: the time of the check (seconds, any epoch).
+        :param detail: a short description shown to operators.
+        :returns: the state change it caused, if any.
+        :raises KeyError: for an unknown server.
+        """
+        server = self.servers[name]
+        server.last_check = detail
+        server.last_check_time = now
+        # Servers without checks never change health; in maintenance HAProxy
+        # stops checking, so late results are ignored.
+        if not server.config.check or server.admin == "maint":
+            return None
+        old = server.state
+        top = server.rise + server.fall - 1
+        if ok:
+            if server.health < top:
+                server.health += 1
+                if server.health >= server.rise:
+                    server.health = top
+        else:
+            server.check_failures += 1
+            if server.health > 0:
+                server.health -= 1
+                if server.health < server.rise:
+                    server.health = 0
+        reason = f"health check {'passed' if ok else 'failed'}: {detail}"
+        return self._changed(server, old, reason, now)
+
+    def set_admin(self, name: str, admin: Admin, now: float | None = None) -> Transition | None:
+        """Set server ``name``'s administrative state (``ready``/``drain``/``maint``).
+
+        Leaving maintenance restarts the health counter at ``rise``, as
+        HAProxy does: up, but down again at the first failed check.
+
+        :raises KeyError: for an unknown server.
+        """
+        if admin not in ("ready", "drain", "maint"):
+            raise ValueError(f"unknown administrative state {admin!r}")
+        server = self.servers[name]
+        old = server.state
+        if server.admin == "maint" and admin != "maint":
+            server.health = server.rise
+        server.admin = admin
+        return self._changed(server, old, f"admin state set to {admin}", now)
+
+    def _changed(
+        self, server: Server, old: State, reason: str, now: float | None
+    ) -> Transition | None:
+        new = server.state
+        if new is old:
+            return None
+        server.transitions += 1
+        if now is not None:
+            server.last_change = now
+        transition = Transition(server.name, old, new, reason)
+        for callback in list(self._listeners):
+            callback(transition)
+        return transition
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """Return every server's state as plain values, in configuration order."""
+        return [
+            {
+                "name": s.name,
+                "address": f"{s.config.host}:{s.config.port}",
+                "cookie": s.cookie,
+                "weight": s.weight,
+                "state": s.state.value,
+                "status": s.status,
+                "admin": s.admin,
+                "check": s.config.check,
+                "health": s.health,
+                "rise": s.rise,
+                "fall": s.fall,
+                "active": s.active,
+                "maxconn": s.config.maxconn,
+                "requests": s.requests,
+                "check_failures": s.check_failures,
+                "transitions": s.transitions,
+                "last_check": s.last_check,
+                "last_check_time": s.last_check_time,
+                "last_change": s.last_change,
+            }
+            for s in self.servers.values()
+        ]

@@ -1,0 +1,333 @@
+"""Tests for stickyproxy.pool: server state, health hysteresis and routing."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from functools import cache
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stickyproxy.config import BalanceConfig, HealthConfig, ServerConfig
+from stickyproxy.hashring import address_key
+from stickyproxy.pool import Decision, Pool, Server, State, Transition
+
+
+def servers(count: int = 3, **overrides: object) -> list[ServerConfig]:
+    return [
+        ServerConfig(name=f"s{i}", host="10.0.0.1", port=3000 + i, cookie=f"s{i}", **overrides)  # type: ignore[arg-type]
+        for i in range(1, count + 1)
+    ]
+
+
+def make_pool(
+    configs: list[ServerConfig] | None = None,
+    *,
+    rise: int = 1,
+    fall: int = 3,
+    **balance: object,
+) -> Pool:
+    return Pool(
+        servers() if configs is None else configs,
+        HealthConfig(rise=rise, fall=fall),
+        BalanceConfig(**balance),  # type: ignore[arg-type]
+    )
+
+
+def keys(count: int, seed: int = 5) -> list[bytes]:
+    rnd = random.Random(seed)
+    return [rnd.getrandbits(32).to_bytes(4, "big") for _ in range(count)]
+
+
+def key_hashing_to(pool: Pool, name: str) -> bytes:
+    return next(k for k in keys(1000) if pool.choose([], k).server is pool.servers[name])
+
+
+@cache
+def _bounded_pool(factor: int, hash_function: str) -> Pool:
+    configs = [
+        ServerConfig(f"s{i}", "h", 1, f"s{i}", weight=w, maxconn=0)
+        for i, w in enumerate([10, 10, 20, 5], 1)
+    ]
+    return make_pool(configs, hash_balance_factor=factor, hash_function=hash_function)
+
+
+def bounded_pool(factor: int, hash_function: str) -> Pool:
+    """A pool with bounded loads and no active connections (built once per setting)."""
+    pool = _bounded_pool(factor, hash_function)
+    for server in pool.servers.values():
+        server.active = 0
+    return pool
+
+
+def take_down(pool: Pool, name: str) -> None:
+    while pool.servers[name].state is not State.DOWN:
+        pool.record_check(name, ok=False, now=0.0, detail="L7STS/503")
+
+
+class TestPersistence:
+    """HAProxy's persistence x server state table (cases 28-34, 42-44)."""
+
+    def test_cookie_for_an_up_server_routes_there_without_a_new_cookie(self) -> None:
+        pool = make_pool()
+        assert pool.choose(["s2"], b"\x01\x02\x03\x04") == Decision(
+            pool.servers["s2"], "cookie", set_cookie=False
+        )
+
+    def test_no_cookie_is_hashed_and_gets_a_cookie(self) -> None:
+        decision = make_pool().choose([], b"\x01\x02\x03\x04")
+        assert decision.reason == "hash"
+        assert decision.set_cookie
+        assert decision.server is not None
+
+    def test_draining_server_keeps_its_pinned_clients(self) -> None:
+        pool = make_pool()
+        pool.set_admin("s2", "drain")
+        assert pool.choose(["s2"], b"k").server is pool.servers["s2"]
+        assert pool.choose(["s2"], b"k").set_cookie is False
+
+    def test_draining_server_gets_no_new_clients(self) -> None:
+        pool = make_pool()
+        key = key_hashing_to(pool, "s2")
+        pool.set_admin("s2", "drain")
+        decision = pool.choose([], key)
+        assert decision.server is not None
+        assert decision.server.name != "s2"
+        assert decision.set_cookie
+
+    def test_weight_zero_is_draining(self) -> None:
+        pool = make_pool([*servers(2), ServerConfig("s3", "h", 1, "s3", weight=0)])
+        assert pool.servers["s3"].state is State.DRAIN
+        assert pool.choose(["s3"], b"k").server is pool.servers["s3"]
+        assert all(pool.choose([], k).server is not pool.servers["s3"] for k in keys(300))
+
+    @pytest.mark.parametrize("make_unusable", ["maint", "down"])
+    def test_cookie_for_a_maint_or_down_server_is_rehashed_with_a_new_cookie(
+        self, make_unusable: str
+    ) -> None:
+        pool = make_pool()
+        if make_unusable == "maint":
+            pool.set_admin("s2", "maint")
+        else:
+            take_down(pool, "s2")
+        decision = pool.choose(["s2"], b"\x01\x02\x03\x04")
+        assert decision.reason == "cookie-unusable"
+        assert decision.set_cookie
+        assert decision.server is not None
+        assert decision.server.name != "s2"
+
+    @pytest.mark.parametrize("value", ['"s2"', "S2", "", "bogus"])
+    def test_invalid_cookie_values_are_hashed_as_if_absent(self, value: str) -> None:
+        decision = make_pool().choose([value], b"\x01\x02\x03\x04")
+        assert decision.reason == "hash"
+        assert decision.set_cookie
+
+    def test_first_cookie_naming_a_known_server_wins(self) -> None:
+        pool = make_pool()
+        assert pool.choose(["bogus", "s1", "s3"], b"k").server is pool.servers["s1"]
+
+    def test_excluded_pinned_server_is_rehashed(self) -> None:
+        pool = make_pool()
+        decision = pool.choose(["s2"], b"k", exclude={"s2"})
+        assert decision.reason == "cookie-unusable"
+        assert decision.server is not None
+        assert decision.server.name != "s2"
+
+    def test_no_usable_server_gives_none(self) -> None:
+        pool = make_pool()
+        for name in pool.servers:
+            pool.set_admin(name, "maint")
+        assert pool.choose(["s1"], b"k") == Decision(None, "none", set_cookie=False)
+
+    def test_by_cookie_is_exact_and_never_matches_empty(self) -> None:
+        pool = make_pool([*servers(2), ServerConfig("s3", "h", 1, "")])
+        assert pool.by_cookie("s1") is pool.servers["s1"]
+        assert pool.by_cookie("S1") is None
+        assert pool.by_cookie("") is None
+
+    def test_duplicate_server_names_are_refused(self) -> None:
+        with pytest.raises(ValueError):
+            make_pool([*servers(2), *servers(1)])
+
+
+class TestRedispatchAndLimits:
+    def test_redispatch_avoids_the_failed_server_and_sets_a_cookie(self) -> None:
+        pool = make_pool()
+        key = key_hashing_to(pool, "s1")
+        decision = pool.redispatch(key, exclude={"s1"})
+        assert decision.reason == "redispatch"
+        assert decision.set_cookie
+        assert decision.server is not None
+        assert decision.server.name != "s1"
+
+    def test_redispatch_with_everyone_excluded_gives_none(self) -> None:
+        assert make_pool().redispatch(b"k", {"s1", "s2", "s3"}).server is None
+
+    def test_a_full_server_gets_no_new_clients_but_keeps_pinned_ones(self) -> None:
+        pool = make_pool(servers(3, maxconn=1))
+        key = key_hashing_to(pool, "s1")
+        pool.acquire(pool.servers["s1"])
+        assert not pool.servers["s1"].accepts_new
+        assert pool.choose([], key).server is not pool.servers["s1"]
+        assert pool.choose(["s1"], key).server is pool.servers["s1"]
+        pool.release(pool.servers["s1"])
+        assert pool.choose([], key).server is pool.servers["s1"]
+
+    def test_release_never_goes_below_zero(self) -> None:
+        pool = make_pool()
+        pool.release(pool.servers["s1"])
+        assert pool.servers["s1"].active == 0
+
+    def test_only_the_down_servers_clients_move(self) -> None:
+        pool = make_pool(servers(5))
+        sample = keys(3000)
+        before = [pool.choose([], k).server for k in sample]
+        take_down(pool, "s4")
+        during = [pool.choose([], k).server for k in sample]
+        assert all(b is d for b, d in zip(before, during, strict=True) if b.name != "s4")  # type: ignore[union-attr]
+        assert all(d.name != "s4" for d in during)  # type: ignore[union-attr]
+        pool.record_check("s4", ok=True, now=1.0, detail="L7OK/200")
+        assert [pool.choose([], k).server for k in sample] == before
+
+    @pytest.mark.parametrize("hash_function", ["default", "haproxy"])
+    def test_routing_ignores_config_order_on_the_default_ring(self, hash_function: str) -> None:
+        forward = make_pool(servers(4), hash_function=hash_function)
+        backward = make_pool(servers(4)[::-1], hash_function=hash_function)
+        same = [
+            forward.choose([], k).server.name == backward.choose([], k).server.name  # type: ignore[union-attr]
+            for k in keys(500)
+        ]
+        # The default ring is keyed by name; HAProxy's by position (ids).
+        assert all(same) if hash_function == "default" else not all(same)
+
+    def test_haproxy_ring_routes_like_haproxy(self) -> None:
+        pool = make_pool(hash_function="haproxy")
+        for ip, name in {"10.0.0.1": "s2", "127.0.0.1": "s3", "198.51.100.22": "s1"}.items():
+            assert pool.choose([], address_key(ip)).server is pool.servers[name]
+
+    @given(
+        ops=st.lists(
+            st.tuples(st.booleans(), st.binary(min_size=4, max_size=4)), min_size=1, max_size=150
+        ),
+        factor=st.sampled_from([101, 125, 150, 200]),
+        hash_function=st.sampled_from(["default", "haproxy"]),
+    )
+    def test_bounded_load_never_exceeds_the_limit(
+        self, ops: list[tuple[bool, bytes]], factor: int, hash_function: str
+    ) -> None:
+        pool = bounded_pool(factor, hash_function)
+        total_weight = sum(s.weight for s in pool.servers.values())
+        assigned: list[Server] = []
+        for add, key in ops:
+            if add or not assigned:
+                total = sum(s.active for s in pool.servers.values())
+                decision = pool.choose([], key)
+                server = decision.server
+                assert server is not None
+                limit = max(1, -(-(total + 1) * factor * server.weight // (100 * total_weight)))
+                assert server.active < limit
+                pool.acquire(server)
+                assigned.append(server)
+            else:
+                pool.release(assigned.pop(len(key) % len(assigned)))
+
+
+class TestHealth:
+    def test_fall_three_goes_down_one_check_at_a_time(self) -> None:
+        """The ``show stat`` timeline of ``rise 1 fall 3`` (section 4, case 53)."""
+        pool = make_pool(rise=1, fall=3)
+        pool.record_check("s1", ok=True, now=0.0, detail="L7OK/200")
+        statuses = [pool.servers["s1"].status]
+        for t in (1.0, 2.0, 3.0):
+            pool.record_check("s1", ok=False, now=t, detail="L7STS/503")
+            statuses.append(pool.servers["s1"].status)
+        pool.record_check("s1", ok=True, now=4.0, detail="L7OK/200")
+        statuses.append(pool.servers["s1"].status)
+        assert statuses == ["UP", "UP 2/3", "UP 1/3", "DOWN", "UP"]
+        assert pool.servers["s1"].health == 3
+
+    def test_rise_two_needs_two_passes_and_shows_progress(self) -> None:
+        pool = make_pool(rise=2, fall=2)
+        take_down(pool, "s1")
+        pool.record_check("s1", ok=True, now=1.0, detail="ok")
+        assert pool.servers["s1"].status == "DOWN 1/2"
+        assert pool.servers["s1"].state is State.DOWN
+        pool.record_check("s1", ok=True, now=2.0, detail="ok")
+        assert pool.servers["s1"].status == "UP"
+
+    def test_a_fresh_server_falls_at_the_first_failure(self) -> None:
+        pool = make_pool(rise=1, fall=3)
+        transition = pool.record_check("s1", ok=False, now=5.0, detail="L4CON")
+        assert transition == Transition("s1", State.UP, State.DOWN, "health check failed: L4CON")
+
+    def test_leaving_maintenance_restarts_health_at_rise(self) -> None:
+        pool = make_pool(rise=2, fall=3)
+        pool.set_admin("s1", "maint")
+        assert pool.record_check("s1", ok=False, now=0.0, detail="ignored") is None
+        assert pool.set_admin("s1", "ready") == Transition(
+            "s1", State.MAINT, State.UP, "admin state set to ready"
+        )
+        assert pool.servers["s1"].health == 2
+        pool.record_check("s1", ok=False, now=1.0, detail="L7STS/500")
+        assert pool.servers["s1"].state is State.DOWN
+
+    def test_failures_and_passes_stay_within_bounds(self) -> None:
+        pool = make_pool(rise=2, fall=3)
+        for _ in range(10):
+            pool.record_check("s1", ok=False, now=0.0, detail="x")
+        assert pool.servers["s1"].health == 0
+        for _ in range(10):
+            pool.record_check("s1", ok=True, now=0.0, detail="x")
+        assert pool.servers["s1"].health == 4
+
+    def test_unchecked_servers_are_always_up(self) -> None:
+        pool = make_pool(servers(2, check=False))
+        assert pool.record_check("s1", ok=False, now=1.0, detail="L4CON") is None
+        assert pool.servers["s1"].state is State.UP
+        assert pool.servers["s1"].status == "no check"
+        assert pool.servers["s1"].last_check == "L4CON"
+
+    def test_listeners_hear_every_state_change_and_only_those(self) -> None:
+        pool = make_pool(rise=1, fall=2)
+        heard: list[Transition] = []
+        pool.add_listener(heard.append)
+        pool.record_check("s1", ok=True, now=0.0, detail="ok")
+        pool.record_check("s1", ok=False, now=1.0, detail="bad")
+        pool.record_check("s1", ok=False, now=2.0, detail="bad")
+        pool.set_admin("s2", "drain")
+        pool.set_admin("s2", "drain")
+        pool.set_admin("s2", "maint")
+        assert [(t.server, t.old, t.new) for t in heard] == [
+            ("s1", State.UP, State.DOWN),
+            ("s2", State.UP, State.DRAIN),
+            ("s2", State.DRAIN, State.MAINT),
+        ]
+        assert pool.servers["s1"].last_change == 2.0
+
+    def test_unknown_admin_state_is_refused(self) -> None:
+        with pytest.raises(ValueError):
+            make_pool().set_admin("s1", "sleepy")  # type: ignore[arg-type]
+
+    def test_snapshot_lists_servers_in_config_order_with_state(self) -> None:
+        pool = make_pool()
+        pool.set_admin("s3", "drain")
+        pool.acquire(pool.servers["s1"])
+        pool.record_check("s2", ok=False, now=7.0, detail="L7STS/503")
+        snap = pool.snapshot()
+        assert [s["name"] for s in snap] == ["s1", "s2", "s3"]
+        assert [s["state"] for s in snap] == ["UP", "DOWN", "DRAIN"]
+        assert snap[0]["active"] == 1
+        assert snap[0]["requests"] == 1
+        assert snap[1]["last_check"] == "L7STS/503"
+        assert snap[1]["last_check_time"] == 7.0
+        assert snap[0]["address"] == "10.0.0.1:3001"
+
+
+def test_hashed_clients_spread_by_weight() -> None:
+    configs = [ServerConfig(f"s{i}", "h", 1, f"s{i}", weight=w) for i, w in enumerate([1, 2, 4], 1)]
+    pool = make_pool(configs)
+    counts = Counter(pool.choose([], k).server.name for k in keys(14_000))  # type: ignore[union-attr]
+    for name, weight in (("s1", 1), ("s2", 2), ("s3", 4)):
+        assert counts[name] == pytest.approx(2_000 * weight, rel=0.06)
