@@ -46,6 +46,7 @@ class StickyProxy:
         self.context.on_count_change = self._count_changed
         self.health = HealthChecker(self.pool, config.health, reactor, client=health_client)
         self.ports: list[Any] = []
+        self.admin_port: Any = None
         self._demo_ports: list[Any] = []
         self._accepting = True
 
@@ -75,7 +76,19 @@ class StickyProxy:
             self.ports.append(port)
         for host, port_number in self.addresses:
             log.info("stickyproxy listening on {host}:{port}", host=host, port=port_number)
+        if self.config.admin.listen:
+            from stickyproxy.admin import admin_site
+
+            endpoint = serverFromString(self.reactor, self.config.admin.listen)
+            self.admin_port = yield endpoint.listen(admin_site(self.snapshot))
         self.health.start()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Servers and frontend totals as plain values (what ``/stats.json`` shows)."""
+        return {
+            "servers": self.pool.snapshot(),
+            "frontend": {"connections": len(self.context.connections)},
+        }
 
     def _count_changed(self, count: int) -> None:
         """Stop accepting at ``maxconn``; the kernel backlog holds the rest.
@@ -114,8 +127,11 @@ class StickyProxy:
         for conn in list(self.context.connections):
             if conn.transport is not None:
                 conn.transport.abortConnection()
-        demo_ports, self._demo_ports = self._demo_ports, []
-        yield DeferredList([port.stopListening() for port in demo_ports])
+        others = list(self._demo_ports)
+        if self.admin_port is not None:
+            others.append(self.admin_port)
+        self._demo_ports, self.admin_port = [], None
+        yield DeferredList([port.stopListening() for port in others])
 
 
 class StickyProxyService(Service):
@@ -146,7 +162,14 @@ class StickyProxyService(Service):
 
         tmp = self.ready_file + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"listen": [list(a) for a in self.proxy.addresses]}, f)
+            admin = self.proxy.admin_port
+            json.dump(
+                {
+                    "listen": [list(a) for a in self.proxy.addresses],
+                    "admin": None if admin is None else _host_port(admin.getHost()),
+                },
+                f,
+            )
         os.replace(tmp, self.ready_file)
 
     def _failed(self, failure: Any) -> None:
@@ -156,6 +179,10 @@ class StickyProxyService(Service):
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         return self.proxy.stop()
+
+
+def _host_port(address: Any) -> list[Any]:
+    return [getattr(address, "host", ""), getattr(address, "port", 0)]
 
 
 def _endpoint_host(host: str) -> str:
