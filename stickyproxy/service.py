@@ -12,6 +12,8 @@ Nothing here touches the global reactor: the caller passes it in.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 from twisted.application.service import Service
@@ -19,6 +21,7 @@ from twisted.internet.defer import Deferred, DeferredList, gatherResults, inline
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from stickyproxy.config import Config
 from stickyproxy.health import HealthChecker, log_transition
@@ -145,21 +148,24 @@ class StickyProxyService(Service):
     def __init__(self, config: Config, reactor: Any, ready_file: str | None = None) -> None:
         self.proxy = StickyProxy(config, reactor)
         self.ready_file = ready_file
-        self._started: Deferred[Any] | None = None
 
-    def startService(self) -> None:
-        super().startService()
+    def privilegedStartService(self) -> None:
+        """Bind every listener before twistd drops privileges.
+
+        Listening happens synchronously here, so a port that cannot be bound
+        stops ``twistd`` at once with the error and a non-zero exit status.
+        """
+        super().privilegedStartService()
+        failures: list[Failure] = []
         d = self.proxy.start()
+        d.addErrback(failures.append)
+        if failures:
+            failures[0].raiseException()
         d.addCallback(lambda _: self._write_ready())
-        d.addErrback(self._failed)
-        self._started = d
 
     def _write_ready(self) -> None:
         if self.ready_file is None:
             return
-        import json
-        import os
-
         tmp = self.ready_file + ".tmp"
         with open(tmp, "w") as f:
             admin = self.proxy.admin_port
@@ -171,10 +177,6 @@ class StickyProxyService(Service):
                 f,
             )
         os.replace(tmp, self.ready_file)
-
-    def _failed(self, failure: Any) -> None:
-        log.failure("stickyproxy could not start", failure)
-        self.proxy.reactor.stop()
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
