@@ -86,8 +86,8 @@ def endpoint_problems(config: Config) -> list[ConfigProblem]:
     TLS key files). ``systemd:`` endpoints are skipped: they can only be built
     inside the service that systemd started.
     """
-    from twisted.internet import reactor  # noqa: PLC0415
-    from twisted.internet.endpoints import serverFromString  # noqa: PLC0415
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
 
     problems = []
     places = [("proxy", "listen", description) for description in config.proxy.listen]
@@ -144,8 +144,8 @@ def route(
     :returns: 0, or 1 when some address was not a valid IP address.
     """
     # Imported here so that ``check`` needs nothing but the configuration.
-    from stickyproxy.hashring import address_key  # noqa: PLC0415
-    from stickyproxy.pool import Pool  # noqa: PLC0415
+    from stickyproxy.hashring import address_key
+    from stickyproxy.pool import Pool
 
     pool = Pool(config.servers, config.health, config.balance)
     # For a client without a cookie, DOWN and MAINT route the same way (the

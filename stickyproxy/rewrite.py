@@ -116,9 +116,7 @@ def error_response(status: int, *, close: bool) -> bytes:
     afterwards, so the client knows not to reuse it (RFC 9112 §9.6).
     """
     reason, text = _REASONS.get(status, (b"Error", "The request could not be handled."))
-    body = (
-        f"<html><body><h1>{status} {reason.decode()}</h1>\n{text}\n</body></html>\n"
-    ).encode()
+    body = (f"<html><body><h1>{status} {reason.decode()}</h1>\n{text}\n</body></html>\n").encode()
     lines = [
         b"HTTP/1.1 %d %s" % (status, reason),
         b"Content-Type: text/html",
