@@ -168,6 +168,7 @@ _TUNNEL = 4  # spliced after a 101
 _CLOSED = 5
 
 # Timer kinds: what the one timer of a connection is counting.
+_T_NONE = ""  # nothing (waiting for a backend connection, which has its own)
 _T_REQUEST = "request"  # total deadline for the PROXY header and a request head
 _T_KEEPALIVE = "keepalive"  # idle wait for the next request
 _T_CLIENT = "client"  # inactivity while the client sends a request body
@@ -209,6 +210,8 @@ class Frontend:
         "_server_eof",
         "_state",
         "_throttle",
+        "_deadline",
+        "_key",
         "_timer",
         "_timer_kind",
         "client_ip",
@@ -226,7 +229,9 @@ class Frontend:
         self._head_parser: HeadParser[RequestHead] | None = None
         self._pending = b""
         self._timer: IDelayedCall | None = None
-        self._timer_kind = ""
+        self._timer_kind = _T_NONE
+        self._deadline = 0.0
+        self._key: bytes | None = None
         self._last = 0.0
         self._first = True
         self._request: RequestHead | None = None
@@ -290,25 +295,33 @@ class Frontend:
     # -- timers ------------------------------------------------------------
 
     def _arm(self, delay: float, kind: str) -> None:
-        """(Re)start the one timer of this connection."""
+        """Make the one timer of this connection count ``kind`` for ``delay``.
+
+        Timers move lazily: a later deadline leaves the scheduled call where it
+        is and the call, when it fires early, sleeps again until the deadline.
+        Moving a scheduled call costs heap operations on every request; this
+        costs one float.
+        """
         self._timer_kind = kind
+        self._deadline = self._ctx.reactor.seconds() + delay
         timer = self._timer
-        if timer is not None and timer.active():
-            timer.reset(delay)
-        else:
+        if timer is None:
             self._timer = self._ctx.reactor.callLater(delay, self._on_timer)
+        elif timer.getTime() > self._deadline:
+            timer.reset(delay)
 
     def _disarm(self) -> None:
         timer = self._timer
+        self._timer = None
+        self._timer_kind = _T_NONE
         if timer is not None and timer.active():
             timer.cancel()
-        self._timer = None
 
     def _watch(self, kind: str) -> None:
         """Count inactivity from now: data in either direction postpones it.
 
-        Moving a timer on every chunk costs heap operations; recording the time
-        of the last chunk and checking it when the timer fires costs nothing.
+        Data only records the time of the last chunk (``_last``); the timer
+        checks it when it fires.
         """
         self._last = self._ctx.reactor.seconds()
         self._arm(self._timeout_of(kind), kind)
@@ -324,12 +337,16 @@ class Frontend:
     def _on_timer(self) -> None:
         self._timer = None
         kind = self._timer_kind
+        if kind == _T_NONE:
+            return
+        now = self._ctx.reactor.seconds()
         if kind in _INACTIVITY:
-            timeout = self._timeout_of(kind)
-            idle = self._ctx.reactor.seconds() - self._last
-            if idle < timeout:
-                self._timer = self._ctx.reactor.callLater(timeout - idle, self._on_timer)
-                return
+            deadline = self._last + self._timeout_of(kind)
+        else:
+            deadline = self._deadline
+        if now < deadline:
+            self._timer = self._ctx.reactor.callLater(deadline - now, self._on_timer)
+            return
         if kind == _T_REQUEST:
             if self._state == _PROXY:
                 log.info("{client}: no PROXY header in time", client=self.peer_text())
@@ -417,7 +434,8 @@ class Frontend:
 
     def _start_exchange(self, head: RequestHead, rest: bytes) -> None:
         ctx = self._ctx
-        self._disarm()
+        # Connecting has its own timeout (timeout_connect, then retries).
+        self._timer_kind = _T_NONE
         self._state = _EXCHANGE
         self._first = False
         self._request = head
@@ -444,10 +462,15 @@ class Frontend:
                     return text_key(value.decode("latin-1"))
             elif balance.hash_key == "query":
                 _, _, query = head.target.partition(b"?")
-                for key, found in parse_qsl(query.decode("latin-1")):
-                    if key == balance.hash_key_name:
+                for name, found in parse_qsl(query.decode("latin-1")):
+                    if name == balance.hash_key_name:
                         return text_key(found)
-        return address_key(self.client_ip)
+        key = self._key
+        if key is None:
+            # Parsing the address costs more than everything else in routing;
+            # it cannot change on a connection, so once is enough.
+            key = self._key = address_key(self.client_ip)
+        return key
 
     def _route(self, decision: Decision) -> None:
         self._decision = decision
