@@ -891,7 +891,7 @@ class Backend:
         """Send the response ``head`` and stream the body that follows."""
         assert self._parser is not None
         rest = self._parser.take_rest()
-        body = BodyReader(framing)
+        body = BodyReader(framing, error_status=502)
         if body.done:
             if rest:
                 # Bytes where no body may be: never trust this connection again.
