@@ -99,7 +99,10 @@ class HealthChecker:
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         url = f"http://{netloc}{self.config.path}"
         try:
-            response = yield self.client.get(url, timeout=self.config.timeout)
+            # A redirect is a pass (HAProxy: 3xx passes), not something to follow.
+            response = yield self.client.get(
+                url, timeout=self.config.timeout, allow_redirects=False
+            )
             # Read the body so the connection ends cleanly; its content is
             # not judged.
             yield response.content()
