@@ -193,11 +193,13 @@ class Frontend:
         "_close_after",
         "_connecting",
         "_ctx",
+        "_deadline",
         "_decision",
         "_exclude",
         "_first",
         "_head_parser",
         "_idle_backend",
+        "_key",
         "_last",
         "_pending",
         "_proxy_parser",
@@ -210,8 +212,6 @@ class Frontend:
         "_server_eof",
         "_state",
         "_throttle",
-        "_deadline",
-        "_key",
         "_timer",
         "_timer_kind",
         "client_ip",
@@ -340,10 +340,8 @@ class Frontend:
         if kind == _T_NONE:
             return
         now = self._ctx.reactor.seconds()
-        if kind in _INACTIVITY:
-            deadline = self._last + self._timeout_of(kind)
-        else:
-            deadline = self._deadline
+        inactivity = kind in _INACTIVITY
+        deadline = self._last + self._timeout_of(kind) if inactivity else self._deadline
         if now < deadline:
             self._timer = self._ctx.reactor.callLater(deadline - now, self._on_timer)
             return

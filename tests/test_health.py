@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.server import Request
-from treq.testing import StubTreq
 
 from stickyproxy.config import parse_config
 from stickyproxy.health import HealthChecker
