@@ -33,6 +33,9 @@ key                              default            meaning
 ``[proxy] retries``              ``3``              connection attempts after the first (>= 0)
 ``[proxy] redispatch``           ``true``           the last retry may go to another server
 ``[proxy] forwarded_for``        ``true``           add ``X-Forwarded-For``
+``[proxy] proxy_tlv_headers``    ``false``          *added*: pass the PROXY v2 AUTHORITY and
+                                                    UNIQUE_ID to backends as
+                                                    ``X-Proxy-Authority``/``X-Unique-ID``
 ``[proxy] max_head_size``        ``15360``          *added*: largest request head (size)
 ``[proxy] max_headers``          ``100``            *added*: most header lines in a request head
 ``[cookie] name``                ``storify_...``    persistence cookie name (an RFC 6265 token);
@@ -124,6 +127,7 @@ class ProxyConfig:
     retries: int = 3
     redispatch: bool = True
     forwarded_for: bool = True
+    proxy_tlv_headers: bool = False
     max_head_size: int = 15360
     max_headers: int = 100
 
@@ -630,6 +634,7 @@ _SECTIONS: dict[str, _Parsers] = {
         "retries": _integer(0),
         "redispatch": _boolean,
         "forwarded_for": _boolean,
+        "proxy_tlv_headers": _boolean,
         "max_head_size": _positive_size,
         "max_headers": _integer(1),
     },

@@ -52,7 +52,7 @@ from stickyproxy.httphead import (
     validate_upgrade_response,
 )
 from stickyproxy.pool import Decision, Pool, Server
-from stickyproxy.proxyproto import ProxyHeaderParser
+from stickyproxy.proxyproto import ProxyHeaderParser, ProxyInfo
 from stickyproxy.rewrite import ForwardOptions, error_response, prepare_request, prepare_response
 
 if TYPE_CHECKING:
@@ -143,7 +143,9 @@ class ProxyContext:
         self.pool = pool
         self.reactor = reactor
         self.options = ForwardOptions(
-            cookie=config.cookie, forwarded_for=config.proxy.forwarded_for
+            cookie=config.cookie,
+            forwarded_for=config.proxy.forwarded_for,
+            proxy_tlv_headers=config.proxy.proxy_tlv_headers,
         )
         self.connections: set[Frontend] = set()
         self.on_count_change: Callable[[int], None] | None = None
@@ -216,6 +218,7 @@ class Frontend:
         "_timer_kind",
         "client_ip",
         "client_port",
+        "proxy_info",
         "transport",
     )
 
@@ -251,6 +254,7 @@ class Frontend:
         self._reused = False
         self.client_ip = ""
         self.client_port = 0
+        self.proxy_info: ProxyInfo | None = None
 
     # -- connection set-up -------------------------------------------------
 
@@ -400,6 +404,7 @@ class Frontend:
             return
         info, rest = result
         self._proxy_parser = None
+        self.proxy_info = info
         if info is not None and not info.local and info.source is not None:
             self.client_ip, self.client_port = info.source
         self._state = _IDLE
@@ -445,7 +450,7 @@ class Frontend:
         self._retries_left = ctx.config.proxy.retries
         self._exclude = set()
         self._throttle.pause(Throttle.WAITING)
-        values = prepare_request(head, self.client_ip, ctx.options)
+        values = prepare_request(head, self.client_ip, ctx.options, self.proxy_info)
         self._request_bytes = head.serialize()
         self._route(ctx.pool.choose(values, self._hash_key()))
 

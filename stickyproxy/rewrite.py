@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from stickyproxy import cookies
 from stickyproxy.config import CookieConfig
 from stickyproxy.httphead import RequestHead, ResponseHead, strip_hop_by_hop
+from stickyproxy.proxyproto import ProxyInfo
 
 _X_FORWARDED_FOR = b"x-forwarded-for"
+_X_PROXY_AUTHORITY = b"x-proxy-authority"
+_X_UNIQUE_ID = b"x-unique-id"
 _SET_COOKIE = b"set-cookie"
 
 
@@ -23,9 +26,15 @@ class ForwardOptions:
 
     cookie: CookieConfig
     forwarded_for: bool = True
+    proxy_tlv_headers: bool = False
 
 
-def prepare_request(head: RequestHead, client_ip: str, options: ForwardOptions) -> list[str]:
+def prepare_request(
+    head: RequestHead,
+    client_ip: str,
+    options: ForwardOptions,
+    proxy_info: ProxyInfo | None = None,
+) -> list[str]:
     """Rewrite a request head in place for the backend.
 
     Returns the values of the persistence cookie the client presented, in
@@ -39,6 +48,9 @@ def prepare_request(head: RequestHead, client_ip: str, options: ForwardOptions) 
     - ``X-Forwarded-For`` is replaced by the client address the connection
       (or its PROXY header) vouches for: a value the client sent itself is
       not evidence of anything, so it is never passed on.
+    - With ``proxy_tlv_headers``, the PROXY v2 AUTHORITY (the TLS server name
+      the client asked for) and UNIQUE_ID TLVs become ``X-Proxy-Authority`` and
+      ``X-Unique-ID``; headers of those names from the client are dropped.
     """
     values, stripped = cookies.extract(head.headers, options.cookie.name)
     if options.cookie.indirect:
@@ -47,7 +59,21 @@ def prepare_request(head: RequestHead, client_ip: str, options: ForwardOptions) 
     if options.forwarded_for:
         head.remove(_X_FORWARDED_FOR)
         head.add(b"X-Forwarded-For", client_ip.encode("ascii"))
+    if options.proxy_tlv_headers:
+        head.remove(_X_PROXY_AUTHORITY)
+        head.remove(_X_UNIQUE_ID)
+        if proxy_info is not None and proxy_info.authority:
+            head.add(b"X-Proxy-Authority", _header_safe(proxy_info.authority.encode("utf-8")))
+        if proxy_info is not None and proxy_info.unique_id:
+            head.add(b"X-Unique-ID", _header_safe(proxy_info.unique_id))
     return values
+
+
+def _header_safe(value: bytes) -> bytes:
+    """``value`` if it is visible ASCII (RFC 9110 §5.5 field-vchar), else hex."""
+    if value and all(0x21 <= b <= 0x7E for b in value):
+        return value
+    return value.hex().encode("ascii")
 
 
 def prepare_response(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from stickyproxy.hashring import address_key
-from stickyproxy.proxyproto import format_v1
-from tests.relay_harness import SWITCH, UPGRADE, Harness, ok
+from stickyproxy.proxyproto import PP2_TYPE_AUTHORITY, PP2_TYPE_UNIQUE_ID, format_v1, format_v2
+from tests.relay_harness import CONFIG, SWITCH, UPGRADE, Harness, ok
 
 # -- routing and cookies ----------------------------------------------------------
 
@@ -375,3 +375,27 @@ def test_server_slots_are_given_back_when_the_client_leaves() -> None:
     assert sum(s.active for s in h.pool.servers.values()) == 1
     h.frontend.connectionLost(None)
     assert sum(s.active for s in h.pool.servers.values()) == 0
+
+
+def test_proxy_v2_authority_and_unique_id_reach_the_backend_when_enabled() -> None:
+    config = CONFIG.format(redispatch="true").replace(
+        "redispatch = true", "redispatch = true\nproxy_tlv_headers = true"
+    )
+    h = Harness(config=config)
+    tlvs = [(PP2_TYPE_AUTHORITY, b"editor.example.com"), (PP2_TYPE_UNIQUE_ID, b"\x00\x01\xff")]
+    h.send(format_v2(("198.51.100.4", 5000), ("10.0.0.1", 443), tlvs=tlvs))
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\nX-Unique-ID: forged\r\n\r\n")
+    _, transport = h.accept()
+    sent = transport.value()
+    assert b"forged" not in sent
+    assert b"\r\nX-Proxy-Authority: editor.example.com\r\n" in sent
+    assert b"\r\nX-Unique-ID: 0001ff\r\n" in sent
+
+
+def test_proxy_v2_tlvs_are_not_passed_on_by_default() -> None:
+    h = Harness()
+    h.send(format_v2(("198.51.100.4", 5000), ("10.0.0.1", 443), tlvs=[(PP2_TYPE_AUTHORITY, b"x")]))
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+    _, transport = h.accept()
+    assert b"X-Proxy-Authority" not in transport.value()
+    assert b"X-Forwarded-For: 198.51.100.4\r\n" in transport.value()
