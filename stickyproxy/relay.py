@@ -444,12 +444,12 @@ class Frontend:
         self._request = head
         self._response_started = False
         self._close_after = head.close_after or not head.keep_alive
-        self._body = BodyReader(head.framing)
-        self._request_done = self._body.done
+        body = BodyReader(head.framing) if head.framing.kind != "none" else None
+        self._body = body
+        self._request_done = body is None or body.done
         self._pending = rest
         self._retries_left = ctx.config.proxy.retries
         self._exclude = set()
-        self._throttle.pause(Throttle.WAITING)
         values = prepare_request(head, self.client_ip, ctx.options, self.proxy_info)
         self._request_bytes = head.serialize()
         self._route(ctx.pool.choose(values, self._hash_key()))
@@ -493,6 +493,10 @@ class Frontend:
         self._connect(server)
 
     def _connect(self, server: Server) -> None:
+        # Read nothing more from the client until there is somewhere to send
+        # it. (A reused backend connection is attached at once, so requests
+        # on a keep-alive connection cost no epoll_ctl round trips.)
+        self._throttle.pause(Throttle.WAITING)
         connector = _BackendConnector(self, server)
         self._connecting = connector
         host, port = server.address
