@@ -22,6 +22,9 @@ key                              default            meaning
                                                     header, comma- or space-separated
 ``[proxy] maxconn``              ``1000``           client connections accepted at once (>= 1)
 ``[proxy] timeout_connect``      ``5s``             connecting to a server
+``[proxy] timeout_queue``        (connect)          *added*: how long a request may wait for a
+                                                    server at its ``maxconn``; then 503.
+                                                    Defaults to ``timeout_connect``
 ``[proxy] timeout_http_request`` ``10s``            the PROXY header and the whole request head
 ``[proxy] timeout_http_keep_alive``  (request)      *added*: idle time between two requests on
                                                     one client connection; defaults to
@@ -119,6 +122,7 @@ class ProxyConfig:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     maxconn: int = 1000
     timeout_connect: float = 5.0
+    timeout_queue: float = 5.0
     timeout_http_request: float = 10.0
     timeout_http_keep_alive: float = 10.0
     timeout_client: float = 60.0
@@ -626,6 +630,7 @@ _SECTIONS: dict[str, _Parsers] = {
         "trusted_proxies": _networks,
         "maxconn": _integer(1),
         "timeout_connect": _positive_duration,
+        "timeout_queue": _positive_duration,
         "timeout_http_request": _positive_duration,
         "timeout_http_keep_alive": _positive_duration,
         "timeout_client": _positive_duration,
@@ -939,6 +944,9 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     proxy = sections.get("proxy", {})
     if "timeout_http_request" in proxy:
         proxy.setdefault("timeout_http_keep_alive", proxy["timeout_http_request"])
+    if "timeout_connect" in proxy:
+        # HAProxy: "timeout queue" defaults to "timeout connect".
+        proxy.setdefault("timeout_queue", proxy["timeout_connect"])
     cookie = sections.get("cookie", {})
     if cookie.get("samesite") == "None" and not cookie.get("secure", CookieConfig().secure):
         problems.append(

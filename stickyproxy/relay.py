@@ -23,7 +23,8 @@ has been relayed: a 101 may turn the rest of the stream into a tunnel.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -51,7 +52,7 @@ from stickyproxy.httphead import (
     response_framing,
     validate_upgrade_response,
 )
-from stickyproxy.pool import Decision, Pool, Server
+from stickyproxy.pool import Decision, Pool, Server, State
 from stickyproxy.proxyproto import ProxyHeaderParser, ProxyInfo
 from stickyproxy.rewrite import ForwardOptions, error_response, prepare_request, prepare_response
 
@@ -149,6 +150,25 @@ class ProxyContext:
         )
         self.connections: set[Frontend] = set()
         self.on_count_change: Callable[[int], None] | None = None
+        # Requests waiting for a server at its maxconn (HAProxy's queues): one
+        # queue per server for clients pinned to it, one for everybody else.
+        self.queues: dict[str, deque[Frontend]] = {name: deque() for name in pool.servers}
+        self.backend_queue: deque[Frontend] = deque()
+
+    def release(self, server: Server) -> None:
+        """A request on ``server`` ended: give its slot to a waiting one.
+
+        Requests pinned to the server go first, then those any server may
+        take, each in arrival order (HAProxy serves its queues the same way).
+        """
+        self.pool.release(server)
+        for queue in (self.queues.get(server.name), self.backend_queue):
+            while queue:
+                waiting = queue.popleft()
+                if waiting.queued:
+                    # Not from inside the release: the caller is mid-update.
+                    self.reactor.callLater(0, waiting.leave_queue)
+                    return
 
     def add(self, conn: Frontend) -> None:
         self.connections.add(conn)
@@ -176,6 +196,7 @@ _T_KEEPALIVE = "keepalive"  # idle wait for the next request
 _T_CLIENT = "client"  # inactivity while the client sends a request body
 _T_SERVER = "server"  # inactivity while the server answers
 _T_TUNNEL = "tunnel"  # inactivity of a spliced connection
+_T_QUEUE = "queue"  # waiting for a server at its maxconn
 _INACTIVITY = (_T_CLIENT, _T_SERVER, _T_TUNNEL)
 
 
@@ -194,6 +215,7 @@ class Frontend:
         "_client_eof",
         "_close_after",
         "_connecting",
+        "_cookie_values",
         "_ctx",
         "_deadline",
         "_decision",
@@ -219,6 +241,7 @@ class Frontend:
         "client_ip",
         "client_port",
         "proxy_info",
+        "queued",
         "transport",
     )
 
@@ -255,6 +278,8 @@ class Frontend:
         self.client_ip = ""
         self.client_port = 0
         self.proxy_info: ProxyInfo | None = None
+        self.queued = False
+        self._cookie_values: Sequence[str] = ()
 
     # -- connection set-up -------------------------------------------------
 
@@ -368,6 +393,9 @@ class Frontend:
             self._fail(408, "client stalled while sending the request body")
         elif kind == _T_SERVER:
             self._fail(504, "server did not respond in time")
+        elif kind == _T_QUEUE:
+            self.queued = False
+            self._fail(503, "no server slot freed within timeout_queue")
 
     # -- reading from the client -------------------------------------------
 
@@ -451,6 +479,7 @@ class Frontend:
         self._retries_left = ctx.config.proxy.retries
         self._exclude = set()
         values = prepare_request(head, self.client_ip, ctx.options, self.proxy_info)
+        self._cookie_values = values
         self._request_bytes = head.serialize()
         self._route(ctx.pool.choose(values, self._hash_key()))
 
@@ -478,10 +507,21 @@ class Frontend:
     def _route(self, decision: Decision) -> None:
         self._decision = decision
         server = decision.server
+        ctx = self._ctx
         if server is None:
-            self._fail(503, "no server available")
+            if any(s.state is State.UP for s in ctx.pool.servers.values()):
+                # Servers are up but every one is at its maxconn: wait for a
+                # slot on any of them.
+                self._enqueue(ctx.backend_queue)
+            else:
+                self._fail(503, "no server available")
             return
-        self._ctx.pool.acquire(server)
+        maxconn = server.config.maxconn
+        if maxconn and server.active >= maxconn:
+            # A client pinned to a full server waits for that server.
+            self._enqueue(ctx.queues[server.name])
+            return
+        ctx.pool.acquire(server)
         idle, self._idle_backend = self._idle_backend, None
         if idle is not None:
             if idle.server is server and idle.alive:
@@ -491,6 +531,20 @@ class Frontend:
             idle.detach_and_close()
         self._reused = False
         self._connect(server)
+
+    def _enqueue(self, queue: deque[Frontend]) -> None:
+        self.queued = True
+        queue.append(self)
+        self._throttle.pause(Throttle.WAITING)
+        self._arm(self._ctx.config.proxy.timeout_queue, _T_QUEUE)
+
+    def leave_queue(self) -> None:
+        """A slot was freed for this waiting request: route it again."""
+        if not self.queued or self._state != _EXCHANGE:
+            return
+        self.queued = False
+        self._timer_kind = _T_NONE
+        self._route(self._ctx.pool.choose(self._cookie_values, self._hash_key()))
 
     def _connect(self, server: Server) -> None:
         # Read nothing more from the client until there is somewhere to send
@@ -507,7 +561,7 @@ class Frontend:
     def backend_connect_failed(self, server: Server, reason: Failure) -> None:
         """A connection attempt to ``server`` failed."""
         self._connecting = None
-        self._ctx.pool.release(server)
+        self._ctx.release(server)
         if self._state != _EXCHANGE:
             return
         cfg = self._ctx.config.proxy
@@ -538,13 +592,13 @@ class Frontend:
         if self._state == _EXCHANGE and self._backend is None:
             self._connect(server)
         else:
-            self._ctx.pool.release(server)
+            self._ctx.release(server)
 
     def backend_connected(self, backend: Backend) -> None:
         """A connection attempt succeeded."""
         self._connecting = None
         if self._state != _EXCHANGE:
-            self._ctx.pool.release(backend.server)
+            self._ctx.release(backend.server)
             backend.detach_and_close()
             return
         self._attach(backend)
@@ -670,7 +724,7 @@ class Frontend:
         if backend is None:
             return None
         self._backend = None
-        self._ctx.pool.release(backend.server)
+        self._ctx.release(backend.server)
         if backend.transport is not None:
             backend.transport.unregisterProducer()
         if self.transport is not None:
@@ -812,6 +866,7 @@ class Frontend:
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._state = _CLOSED
+        self.queued = False  # a queue entry that is not queued is skipped
         self._disarm()
         backend = self._release_backend()
         if backend is not None:
@@ -1061,7 +1116,7 @@ class _BackendConnector(ClientFactory):
         """The frontend went away: give the slot back, drop any connection."""
         if not self.cancelled:
             self.cancelled = True
-            self.frontend._ctx.pool.release(self.server)
+            self.frontend._ctx.release(self.server)
 
     def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
         if not self.cancelled:

@@ -93,6 +93,13 @@ class Harness:
     def send(self, data: bytes) -> None:
         self.frontend.dataReceived(data)
 
+    def another_client(self, peer: str = "127.0.0.1") -> tuple[Frontend, FakeTCP]:
+        """A second client connection to the same proxy."""
+        transport = FakeTCP(IPv4Address("TCP", peer, 40001))
+        frontend: Frontend = FrontendFactory(self.ctx).buildProtocol(None)  # type: ignore[arg-type]
+        frontend.makeConnection(transport)
+        return frontend, transport
+
     def proxy_header(self, source: str = "203.0.113.7") -> None:
         self.send(format_v1((source, 40000), ("10.0.0.1", 80)))
 

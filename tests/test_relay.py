@@ -399,3 +399,64 @@ def test_proxy_v2_tlvs_are_not_passed_on_by_default() -> None:
     _, transport = h.accept()
     assert b"X-Proxy-Authority" not in transport.value()
     assert b"X-Forwarded-For: 198.51.100.4\r\n" in transport.value()
+
+
+# -- server maxconn and queues ----------------------------------------------------------------
+
+QUEUE_CONFIG = (
+    CONFIG.format(redispatch="true").replace(
+        "timeout_connect = 2s", "timeout_connect = 2s\ntimeout_queue = 1500ms"
+    )
+    + "\n"
+).replace("address = 10.1.0.1:80", "address = 10.1.0.1:80\nmaxconn = 1")
+
+
+def test_a_pinned_request_to_a_full_server_waits_for_its_slot() -> None:
+    h = Harness(config=QUEUE_CONFIG)
+    h.proxy_header()
+    h.send(b"GET /slow HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host=s1\r\n\r\n")
+    first, _ = h.accept()
+    other, other_transport = h.another_client()
+    other.dataReceived(format_v1(("198.51.100.1", 1), ("10.0.0.1", 80)))
+    other.dataReceived(b"GET /2 HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host=s1\r\n\r\n")
+    assert len(h.attempts()) == 1 and other.queued
+    first.dataReceived(ok())
+    h.reactor.advance(0)
+    assert not other.queued and h.server_of() == "s1"
+    backend, transport = h.accept()
+    assert transport.value().startswith(b"GET /2 ")
+    backend.dataReceived(ok(b"second"))
+    assert other_transport.value().endswith(b"second")
+
+
+def test_a_queued_request_gets_503_after_timeout_queue() -> None:
+    """Case 57: server maxconn 1, a slow request in flight, the next one waits, then 503."""
+    h = Harness(config=QUEUE_CONFIG)
+    h.proxy_header()
+    h.send(b"GET /slow HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host=s1\r\n\r\n")
+    h.accept()
+    other, other_transport = h.another_client()
+    other.dataReceived(format_v1(("198.51.100.1", 1), ("10.0.0.1", 80)))
+    other.dataReceived(b"GET /2 HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host=s1\r\n\r\n")
+    h.reactor.advance(1.4)
+    assert other_transport.value() == b""
+    h.reactor.advance(0.2)
+    assert other_transport.value().startswith(b"HTTP/1.1 503 ")
+    assert not other.queued
+
+
+def test_a_client_without_a_cookie_skips_a_full_server() -> None:
+    config = QUEUE_CONFIG.replace("address = 10.1.0.2:80", "address = 10.1.0.2:80\nmaxconn = 1")
+    config = config.replace("address = 10.1.0.3:80", "address = 10.1.0.3:80\nmaxconn = 1")
+    h = Harness(config=config)
+    clients = []
+    for n in range(3):
+        frontend, _ = h.another_client()
+        frontend.dataReceived(format_v1(("198.51.100.9", 1), ("10.0.0.1", 80)))
+        frontend.dataReceived(b"GET /%d HTTP/1.1\r\nHost: app\r\n\r\n" % n)
+        clients.append(frontend)
+    assert sorted(h.server_of(i) for i in range(3)) == ["s1", "s2", "s3"]
+    waiting, _ = h.another_client()
+    waiting.dataReceived(format_v1(("198.51.100.9", 1), ("10.0.0.1", 80)))
+    waiting.dataReceived(b"GET /4 HTTP/1.1\r\nHost: app\r\n\r\n")
+    assert waiting.queued
