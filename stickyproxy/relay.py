@@ -55,6 +55,7 @@ from stickyproxy.httphead import (
 from stickyproxy.pool import Decision, Pool, Server, State
 from stickyproxy.proxyproto import ProxyHeaderParser, ProxyInfo
 from stickyproxy.rewrite import ForwardOptions, error_response, prepare_request, prepare_response
+from stickyproxy.stats import Counters, Stats
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress
@@ -154,6 +155,7 @@ class ProxyContext:
         # queue per server for clients pinned to it, one for everybody else.
         self.queues: dict[str, deque[Frontend]] = {name: deque() for name in pool.servers}
         self.backend_queue: deque[Frontend] = deque()
+        self.stats = Stats(list(pool.servers))
 
     def release(self, server: Server) -> None:
         """A request on ``server`` ended: give its slot to a waiting one.
@@ -172,6 +174,7 @@ class ProxyContext:
 
     def add(self, conn: Frontend) -> None:
         self.connections.add(conn)
+        self.stats.frontend.connections_total += 1
         if self.on_count_change is not None:
             self.on_count_change(len(self.connections))
 
@@ -223,8 +226,10 @@ class Frontend:
         "_first",
         "_head_parser",
         "_idle_backend",
+        "_in",
         "_key",
         "_last",
+        "_out",
         "_pending",
         "_proxy_parser",
         "_request",
@@ -238,6 +243,7 @@ class Frontend:
         "_throttle",
         "_timer",
         "_timer_kind",
+        "_tunnel_server",
         "client_ip",
         "client_port",
         "proxy_info",
@@ -280,6 +286,10 @@ class Frontend:
         self.proxy_info: ProxyInfo | None = None
         self.queued = False
         self._cookie_values: Sequence[str] = ()
+        # Bytes from and to the client not yet added to the counters.
+        self._in = 0
+        self._out = 0
+        self._tunnel_server: Server | None = None
 
     # -- connection set-up -------------------------------------------------
 
@@ -395,12 +405,14 @@ class Frontend:
             self._fail(504, "server did not respond in time")
         elif kind == _T_QUEUE:
             self.queued = False
+            self._ctx.stats.frontend.queue_timeouts += 1
             self._fail(503, "no server slot freed within timeout_queue")
 
     # -- reading from the client -------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         state = self._state
+        self._in += len(data)
         if state == _TUNNEL:
             self._last = self._ctx.reactor.seconds()
             backend = self._backend
@@ -565,6 +577,7 @@ class Frontend:
         if self._state != _EXCHANGE:
             return
         cfg = self._ctx.config.proxy
+        self._ctx.stats.servers[server.name].connect_errors += 1
         refused = reason.check(TwistedConnectionRefused) is not None
         log.info(
             "{client}: cannot connect to {server}: {error}",
@@ -678,6 +691,7 @@ class Frontend:
         )
         self._response_started = True
         self._close_after = close
+        self._count_response(server, decision, status)
         if status == 101:
             relay_write(self.transport, head.serialize())
             self._start_tunnel(backend)
@@ -686,15 +700,46 @@ class Frontend:
             # one write: one segment instead of two for small responses.
             backend.start_body(framing, head.serialize())
 
+    def _count_response(self, server: Server, decision: Decision, status: int) -> None:
+        stats = self._ctx.stats
+        for counters in (stats.frontend, stats.servers[server.name]):
+            counters.requests += 1
+            counters.response(status)
+            reason = decision.reason
+            if reason == "cookie":
+                counters.cookie_hits += 1
+            elif decision.set_cookie:
+                counters.cookie_inserts += 1
+                if reason == "cookie-unusable":
+                    counters.repins += 1
+                elif reason == "redispatch":
+                    counters.redispatches += 1
+
+    def flush_bytes(self) -> None:
+        """Add this connection's byte counts to the totals."""
+        stats = self._ctx.stats
+        server = self._tunnel_server or (self._backend.server if self._backend else None)
+        if server is None and self._decision is not None:
+            server = self._decision.server
+        targets: list[Counters] = [stats.frontend]
+        if server is not None:
+            targets.append(stats.servers[server.name])
+        for counters in targets:
+            counters.bytes_in += self._in
+            counters.bytes_out += self._out
+        self._in = self._out = 0
+
     def response_body(self, data: bytes) -> None:
         """Part of a response body, already framed: forward it."""
         self._last = self._ctx.reactor.seconds()
+        self._out += len(data)
         relay_write(self.transport, data)
 
     def response_done(self, reusable: bool) -> None:
         """The whole response has been relayed."""
         backend = self._backend
         assert backend is not None
+        self.flush_bytes()
         self._release_backend()
         if reusable and self._request_done and not self._close_after:
             backend.park()
@@ -765,6 +810,12 @@ class Frontend:
 
     def _start_tunnel(self, backend: Backend) -> None:
         self._state = _TUNNEL
+        self._tunnel_server = backend.server
+        counters = self._ctx.stats.servers[backend.server.name]
+        counters.tunnels += 1
+        counters.tunnels_total += 1
+        self._ctx.stats.frontend.tunnels += 1
+        self._ctx.stats.frontend.tunnels_total += 1
         self._request = None
         self._body = None
         self._watch(_T_TUNNEL)
@@ -778,6 +829,7 @@ class Frontend:
     def tunnel_data(self, data: bytes) -> None:
         """Bytes from the server side of a tunnel."""
         self._last = self._ctx.reactor.seconds()
+        self._out += len(data)
         relay_write(self.transport, data)
 
     def tunnel_server_eof(self) -> None:
@@ -834,6 +886,8 @@ class Frontend:
             and self._request_done
             and not self._close_after
         )
+        self._ctx.stats.frontend.error(status)
+        self._ctx.stats.frontend.response(status)
         self.transport.write(error_response(status, close=not keep))
         if keep:
             self._next_request()
@@ -868,6 +922,11 @@ class Frontend:
         self._state = _CLOSED
         self.queued = False  # a queue entry that is not queued is skipped
         self._disarm()
+        self.flush_bytes()
+        tunnel_server, self._tunnel_server = self._tunnel_server, None
+        if tunnel_server is not None:
+            self._ctx.stats.servers[tunnel_server.name].tunnels -= 1
+            self._ctx.stats.frontend.tunnels -= 1
         backend = self._release_backend()
         if backend is not None:
             backend.detach_and_close()

@@ -88,10 +88,16 @@ class StickyProxy:
 
     def snapshot(self) -> dict[str, Any]:
         """Servers and frontend totals as plain values (what ``/stats.json`` shows)."""
-        return {
-            "servers": self.pool.snapshot(),
-            "frontend": {"connections": len(self.context.connections)},
-        }
+        for conn in self.context.connections:
+            conn.flush_bytes()
+        stats = self.context.stats
+        servers = []
+        for entry in self.pool.snapshot():
+            entry.update(stats.servers[str(entry["name"])].as_dict())
+            servers.append(entry)
+        frontend = stats.frontend.as_dict()
+        frontend["connections"] = len(self.context.connections)
+        return {"servers": servers, "frontend": frontend}
 
     def _count_changed(self, count: int) -> None:
         """Stop accepting at ``maxconn``; the kernel backlog holds the rest.

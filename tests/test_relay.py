@@ -460,3 +460,35 @@ def test_a_client_without_a_cookie_skips_a_full_server() -> None:
     waiting.dataReceived(format_v1(("198.51.100.9", 1), ("10.0.0.1", 80)))
     waiting.dataReceived(b"GET /4 HTTP/1.1\r\nHost: app\r\n\r\n")
     assert waiting.queued
+
+
+# -- counters -------------------------------------------------------------------------------
+
+
+def test_counters_record_decisions_responses_bytes_and_tunnels() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+    server = h.server_of()
+    backend, _ = h.accept()
+    backend.dataReceived(ok(b"0123456789"))
+    h.send(UPGRADE)
+    backend.dataReceived(SWITCH)
+    h.send(b"12345")
+    stats = h.ctx.stats
+    counters = stats.servers[server]
+    assert counters.requests == 2 and counters.responses["2xx"] == 1
+    assert counters.responses["1xx"] == 1
+    assert counters.cookie_inserts == 2 and counters.cookie_hits == 0
+    assert counters.tunnels == 1 and stats.frontend.tunnels == 1
+    h.frontend.flush_bytes()
+    assert counters.bytes_in > 5 and counters.bytes_out > 10
+    h.frontend.connectionLost(None)
+    assert counters.tunnels == 0 and stats.frontend.tunnels == 0 and counters.tunnels_total == 1
+
+
+def test_counters_record_the_proxy_error_pages() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\nBad Name: x\r\n\r\n")
+    assert h.ctx.stats.frontend.errors == {400: 1}

@@ -1,0 +1,88 @@
+"""Traffic counters, per server and for the frontend.
+
+Plain integers bumped by the relay on its hot path (no locks, no
+callbacks); the admin endpoint turns them into the status page, JSON and
+Prometheus metrics. Server *state* lives in :mod:`stickyproxy.pool`; this
+module only counts what happened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: Routing decisions, as :class:`stickyproxy.pool.Decision` names them.
+DECISIONS = ("cookie", "cookie-unusable", "hash", "redispatch")
+
+
+@dataclass(slots=True, eq=False)
+class Counters:
+    """What one server (or the whole frontend) has seen."""
+
+    requests: int = 0
+    bytes_in: int = 0  # from clients
+    bytes_out: int = 0  # to clients
+    tunnels: int = 0  # currently open (WebSockets)
+    tunnels_total: int = 0
+    cookie_hits: int = 0  # routed by a valid cookie
+    cookie_inserts: int = 0  # Set-Cookie added (hash or redispatch)
+    repins: int = 0  # a cookie for an unusable server was replaced
+    redispatches: int = 0
+    connect_errors: int = 0
+    queue_timeouts: int = 0
+    responses: dict[str, int] = field(
+        default_factory=lambda: {"1xx": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0, "other": 0}
+    )
+
+    def response(self, status: int) -> None:
+        """Count one response by its class."""
+        key = f"{status // 100}xx" if 100 <= status <= 599 else "other"
+        self.responses[key] += 1
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "requests": self.requests,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "tunnels": self.tunnels,
+            "tunnels_total": self.tunnels_total,
+            "cookie_hits": self.cookie_hits,
+            "cookie_inserts": self.cookie_inserts,
+            "repins": self.repins,
+            "redispatches": self.redispatches,
+            "connect_errors": self.connect_errors,
+            "queue_timeouts": self.queue_timeouts,
+            "responses": dict(self.responses),
+        }
+
+
+@dataclass(slots=True, eq=False)
+class FrontendCounters(Counters):
+    """Frontend totals, plus what only the frontend sees."""
+
+    connections: int = 0  # currently open
+    connections_total: int = 0
+    errors: dict[int, int] = field(default_factory=dict)  # the proxy's own error pages
+
+    def error(self, status: int) -> None:
+        self.errors[status] = self.errors.get(status, 0) + 1
+
+    def as_dict(self) -> dict[str, object]:
+        result = Counters.as_dict(self)
+        result["connections"] = self.connections
+        result["connections_total"] = self.connections_total
+        result["errors"] = {str(k): v for k, v in sorted(self.errors.items())}
+        return result
+
+
+class Stats:
+    """The counters of one proxy."""
+
+    def __init__(self, server_names: list[str]) -> None:
+        self.frontend = FrontendCounters()
+        self.servers: dict[str, Counters] = {name: Counters() for name in server_names}
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "frontend": self.frontend.as_dict(),
+            "servers": {name: c.as_dict() for name, c in self.servers.items()},
+        }
