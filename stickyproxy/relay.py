@@ -172,6 +172,19 @@ class ProxyContext:
                     self.reactor.callLater(0, waiting.leave_queue)
                     return
 
+    def shutdown_sessions(self, server_name: str) -> int:
+        """Close every client connection now served by ``server_name``.
+
+        HAProxy's ``shutdown sessions server``: open WebSockets included.
+        :return: how many connections were closed.
+        """
+        closed = 0
+        for conn in list(self.connections):
+            if conn.server_name == server_name:
+                conn.abort()
+                closed += 1
+        return closed
+
     def add(self, conn: Frontend) -> None:
         self.connections.add(conn)
         self.stats.frontend.connections_total += 1
@@ -906,6 +919,19 @@ class Frontend:
         self._state = _CLOSED
         self._disarm()
         self.transport.abortConnection()
+
+    @property
+    def server_name(self) -> str | None:
+        """The server this connection is talking to now, if any."""
+        server = self._tunnel_server or (self._backend.server if self._backend else None)
+        return None if server is None else server.name
+
+    def abort(self) -> None:
+        """Close at once, both sides, whatever is in flight."""
+        backend = self._release_backend()
+        if backend is not None:
+            backend.detach_and_close()
+        self._abort()
 
     def close_when_idle(self) -> bool:
         """Close now if no request is in flight, else after the current one.

@@ -492,3 +492,13 @@ def test_counters_record_the_proxy_error_pages() -> None:
     h.proxy_header()
     h.send(b"GET / HTTP/1.1\r\nHost: app\r\nBad Name: x\r\n\r\n")
     assert h.ctx.stats.frontend.errors == {400: 1}
+
+
+def test_shutdown_sessions_closes_the_tunnels_of_one_server_only() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.send(UPGRADE.replace(b"Host: app\r\n", b"Host: app\r\nCookie: storify_editor_host=s2\r\n"))
+    backend, _ = h.accept()
+    backend.dataReceived(SWITCH)
+    assert h.ctx.shutdown_sessions("s1") == 0 and not h.client.aborted
+    assert h.ctx.shutdown_sessions("s2") == 1 and h.client.aborted
