@@ -137,6 +137,14 @@ class Throttle:
         pass
 
 
+def _forward_options(config: Config) -> ForwardOptions:
+    return ForwardOptions(
+        cookie=config.cookie,
+        forwarded_for=config.proxy.forwarded_for,
+        proxy_tlv_headers=config.proxy.proxy_tlv_headers,
+    )
+
+
 class ProxyContext:
     """What every connection of one proxy shares: settings, servers, clock."""
 
@@ -144,11 +152,7 @@ class ProxyContext:
         self.config = config
         self.pool = pool
         self.reactor = reactor
-        self.options = ForwardOptions(
-            cookie=config.cookie,
-            forwarded_for=config.proxy.forwarded_for,
-            proxy_tlv_headers=config.proxy.proxy_tlv_headers,
-        )
+        self.options = _forward_options(config)
         self.connections: set[Frontend] = set()
         self.on_count_change: Callable[[int], None] | None = None
         # Requests waiting for a server at its maxconn (HAProxy's queues): one
@@ -157,13 +161,24 @@ class ProxyContext:
         self.backend_queue: deque[Frontend] = deque()
         self.stats = Stats(list(pool.servers))
 
+    def reconfigure(self, config: Config, pool: Pool) -> None:
+        """Use ``config`` and ``pool`` for every request from now on (a reload)."""
+        self.config = config
+        self.pool = pool
+        self.options = _forward_options(config)
+        for name in pool.servers:
+            self.queues.setdefault(name, deque())
+
     def release(self, server: Server) -> None:
         """A request on ``server`` ended: give its slot to a waiting one.
 
         Requests pinned to the server go first, then those any server may
         take, each in arrival order (HAProxy serves its queues the same way).
+        The slot is given back by name: a request that started before a
+        reload holds the server object of the old pool.
         """
-        self.pool.release(server)
+        current = self.pool.servers.get(server.name)
+        self.pool.release(current if current is not None else server)
         for queue in (self.queues.get(server.name), self.backend_queue):
             while queue:
                 waiting = queue.popleft()
@@ -549,7 +564,11 @@ class Frontend:
         ctx.pool.acquire(server)
         idle, self._idle_backend = self._idle_backend, None
         if idle is not None:
-            if idle.server is server and idle.alive:
+            if (
+                idle.alive
+                and idle.server.name == server.name
+                and idle.server.address == server.address
+            ):
                 self._reused = True
                 self._attach(idle)
                 return
@@ -590,7 +609,7 @@ class Frontend:
         if self._state != _EXCHANGE:
             return
         cfg = self._ctx.config.proxy
-        self._ctx.stats.servers[server.name].connect_errors += 1
+        self._ctx.stats.server(server.name).connect_errors += 1
         refused = reason.check(TwistedConnectionRefused) is not None
         log.info(
             "{client}: cannot connect to {server}: {error}",
@@ -715,7 +734,7 @@ class Frontend:
 
     def _count_response(self, server: Server, decision: Decision, status: int) -> None:
         stats = self._ctx.stats
-        for counters in (stats.frontend, stats.servers[server.name]):
+        for counters in (stats.frontend, stats.server(server.name)):
             counters.requests += 1
             counters.response(status)
             reason = decision.reason
@@ -736,7 +755,7 @@ class Frontend:
             server = self._decision.server
         targets: list[Counters] = [stats.frontend]
         if server is not None:
-            targets.append(stats.servers[server.name])
+            targets.append(stats.server(server.name))
         for counters in targets:
             counters.bytes_in += self._in
             counters.bytes_out += self._out
@@ -824,7 +843,7 @@ class Frontend:
     def _start_tunnel(self, backend: Backend) -> None:
         self._state = _TUNNEL
         self._tunnel_server = backend.server
-        counters = self._ctx.stats.servers[backend.server.name]
+        counters = self._ctx.stats.server(backend.server.name)
         counters.tunnels += 1
         counters.tunnels_total += 1
         self._ctx.stats.frontend.tunnels += 1
@@ -951,7 +970,7 @@ class Frontend:
         self.flush_bytes()
         tunnel_server, self._tunnel_server = self._tunnel_server, None
         if tunnel_server is not None:
-            self._ctx.stats.servers[tunnel_server.name].tunnels -= 1
+            self._ctx.stats.server(tunnel_server.name).tunnels -= 1
             self._ctx.stats.frontend.tunnels -= 1
         backend = self._release_backend()
         if backend is not None:

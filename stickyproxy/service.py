@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, inlineCallbacks, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from stickyproxy.config import Config
+from stickyproxy.config import Config, load_config
+from stickyproxy.errors import ConfigError
 from stickyproxy.health import HealthChecker, log_transition
-from stickyproxy.pool import Pool
+from stickyproxy.pool import Pool, Server
 from stickyproxy.relay import FrontendFactory, ProxyContext
 
 log = Logger(namespace="stickyproxy")
@@ -43,24 +45,33 @@ class StickyProxy:
     def __init__(self, config: Config, reactor: Any, *, health_client: Any = None) -> None:
         self.config = config
         self.reactor = reactor
-        self.pool = Pool(config.servers, config.health, config.balance)
-        self.pool.add_listener(log_transition)
+        self._health_client = health_client
+        self.pool = self._new_pool(config)
         self.context = ProxyContext(config, self.pool, reactor)
         self.context.on_count_change = self._count_changed
         self.health = HealthChecker(self.pool, config.health, reactor, client=health_client)
-        self.ports: list[Any] = []
+        self.factory = FrontendFactory(self.context)
+        self.listeners: dict[str, Any] = {}  # endpoint description -> listening port
         self.admin_port: Any = None
+        self._admin_description: str | None = None
         self._demo_ports: list[Any] = []
         self._accepting = True
+
+    @staticmethod
+    def _new_pool(config: Config) -> Pool:
+        pool = Pool(config.servers, config.health, config.balance)
+        pool.add_listener(log_transition)
+        return pool
+
+    @property
+    def ports(self) -> list[Any]:
+        """The listening ports of the proxy, in configuration order."""
+        return list(self.listeners.values())
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """The (host, port) each listener is bound to (useful with port 0)."""
-        result = []
-        for port in self.ports:
-            address = port.getHost()
-            result.append((getattr(address, "host", ""), getattr(address, "port", 0)))
-        return result
+        return [_host_port(port.getHost()) for port in self.ports]
 
     @inlineCallbacks
     def start(self) -> Any:
@@ -72,19 +83,66 @@ class StickyProxy:
                 description = f"tcp:{server.port}:interface={_endpoint_host(server.host)}"
                 port = yield listen_demo_backend(server.name, description, self.reactor)
                 self._demo_ports.append(port)
-        factory = FrontendFactory(self.context)
-        for description in self.config.proxy.listen:
+        yield self._listen(self.config.proxy.listen)
+        yield self._listen_admin(self.config.admin.listen)
+        self.health.start()
+
+    @inlineCallbacks
+    def _listen(self, descriptions: tuple[str, ...]) -> Any:
+        """Listen on ``descriptions``; keep the sockets of those already open."""
+        wanted = list(descriptions)
+        for description in [d for d in self.listeners if d not in wanted]:
+            port = self.listeners.pop(description)
+            yield port.stopListening()
+        for description in wanted:
+            if description in self.listeners:
+                continue
             endpoint = serverFromString(self.reactor, description)
-            port = yield endpoint.listen(factory)
-            self.ports.append(port)
-        for host, port_number in self.addresses:
-            log.info("stickyproxy listening on {host}:{port}", host=host, port=port_number)
-        if self.config.admin.listen:
+            port = yield endpoint.listen(self.factory)
+            if not self._accepting:
+                port.stopReading()
+            self.listeners[description] = port
+            host, number = _host_port(port.getHost())
+            log.info("stickyproxy listening on {host}:{port}", host=host, port=number)
+
+    @inlineCallbacks
+    def _listen_admin(self, description: str | None) -> Any:
+        if self.admin_port is not None:
+            port, self.admin_port = self.admin_port, None
+            yield port.stopListening()
+        self._admin_description = description
+        if description:
             from stickyproxy.admin import admin_site
 
-            endpoint = serverFromString(self.reactor, self.config.admin.listen)
+            endpoint = serverFromString(self.reactor, description)
             self.admin_port = yield endpoint.listen(admin_site(self.snapshot))
+
+    @inlineCallbacks
+    def reload(self, config: Config) -> Any:
+        """Switch to ``config`` without dropping anything.
+
+        New requests, on new and kept-alive connections alike, use the new
+        servers, weights, checks, cookie attributes and timeouts; requests in
+        flight and open tunnels carry on untouched. Listeners whose endpoint
+        did not change keep their socket, so no connection is refused. Server
+        states (drain, maintenance, health) carry over by server name.
+        """
+        old_pool = self.pool
+        pool = self._new_pool(config)
+        for name, server in pool.servers.items():
+            previous = old_pool.servers.get(name)
+            if previous is not None:
+                _carry_state(previous, server)
+        self.health.stop()
+        self.config = config
+        self.pool = pool
+        self.context.reconfigure(config, pool)
+        self.health = HealthChecker(pool, config.health, self.reactor, client=self._health_client)
+        yield self._listen(config.proxy.listen)
+        if config.admin.listen != self._admin_description:
+            yield self._listen_admin(config.admin.listen)
         self.health.start()
+        log.info("configuration reloaded: {n} server(s)", n=len(pool.servers))
 
     def snapshot(self) -> dict[str, Any]:
         """Servers and frontend totals as plain values (what ``/stats.json`` shows)."""
@@ -93,7 +151,7 @@ class StickyProxy:
         stats = self.context.stats
         servers = []
         for entry in self.pool.snapshot():
-            entry.update(stats.servers[str(entry["name"])].as_dict())
+            entry.update(stats.server(str(entry["name"])).as_dict())
             servers.append(entry)
         frontend = stats.frontend.as_dict()
         frontend["connections"] = len(self.context.connections)
@@ -124,7 +182,7 @@ class StickyProxy:
         is left (open WebSockets included).
         """
         self.health.stop()
-        ports, self.ports = self.ports, []
+        ports, self.listeners = self.ports, {}
         yield gatherResults([port.stopListening() for port in ports])
         for conn in list(self.context.connections):
             conn.close_when_idle()
@@ -134,8 +192,7 @@ class StickyProxy:
             yield deferLater(self.reactor, step, lambda: None)
             waited += step
         for conn in list(self.context.connections):
-            if conn.transport is not None:
-                conn.transport.abortConnection()
+            conn.abort()
         others = list(self._demo_ports)
         if self.admin_port is not None:
             others.append(self.admin_port)
@@ -143,17 +200,43 @@ class StickyProxy:
         yield DeferredList([port.stopListening() for port in others])
 
 
+def _carry_state(previous: Server, server: Server) -> None:
+    """Keep what an operator and the checks decided about a server across a reload."""
+    server.admin = previous.admin
+    top = server.rise + server.fall - 1
+    # The counter means "UP" at rise or above; keep the same side of rise.
+    if previous.health >= previous.rise:
+        server.health = min(top, server.rise + (previous.health - previous.rise))
+    else:
+        server.health = min(previous.health, server.rise - 1)
+    server.active = previous.active
+    server.last_check = previous.last_check
+    server.last_check_time = previous.last_check_time
+    server.last_change = previous.last_change
+
+
 class StickyProxyService(Service):
     """The proxy as a Twisted application service (what ``twistd`` runs).
 
+    :param config_path: the file the configuration came from; ``SIGHUP``
+        re-reads it (see :meth:`reload`).
     :param ready_file: once listening, the bound addresses are written there
-        as JSON (``{"listen": [[host, port], ...]}``): tests and supervisors
-        use it to learn OS-chosen ports.
+        as JSON (``{"listen": [[host, port], ...], "admin": [host, port]}``):
+        tests and supervisors use it to learn OS-chosen ports.
     """
 
-    def __init__(self, config: Config, reactor: Any, ready_file: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        ready_file: str | None = None,
+        config_path: str | None = None,
+    ) -> None:
         self.proxy = StickyProxy(config, reactor)
+        self.reactor = reactor
         self.ready_file = ready_file
+        self.config_path = config_path
+        self._bound = False
 
     def privilegedStartService(self) -> None:
         """Bind every listener before twistd drops privileges.
@@ -162,12 +245,47 @@ class StickyProxyService(Service):
         stops ``twistd`` at once with the error and a non-zero exit status.
         """
         super().privilegedStartService()
+        self._bind()
+
+    def _bind(self) -> None:
+        self._bound = True
         failures: list[Failure] = []
         d = self.proxy.start()
         d.addErrback(failures.append)
         if failures:
             failures[0].raiseException()
         d.addCallback(lambda _: self._write_ready())
+
+    def startService(self) -> None:
+        super().startService()
+        if not self._bound:
+            # ``twist`` (unlike ``twistd``) has no privileged start phase.
+            self._bind()
+        if self.config_path is not None:
+            signal.signal(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> Deferred[bool]:
+        """Re-read the configuration file and apply it.
+
+        A configuration with problems is refused: each problem is logged and
+        the proxy keeps running with the configuration it had.
+
+        :return: a Deferred firing with whether the new configuration is in use.
+        """
+        assert self.config_path is not None
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("reload refused: {problem}", problem=str(problem))
+            return succeed(False)
+        d = self.proxy.reload(config)
+        d.addCallback(lambda _: self._write_ready())
+        d.addCallback(lambda _: True)
+        return d
 
     def _write_ready(self) -> None:
         if self.ready_file is None:
@@ -178,7 +296,7 @@ class StickyProxyService(Service):
             json.dump(
                 {
                     "listen": [list(a) for a in self.proxy.addresses],
-                    "admin": None if admin is None else _host_port(admin.getHost()),
+                    "admin": None if admin is None else list(_host_port(admin.getHost())),
                 },
                 f,
             )
@@ -189,8 +307,8 @@ class StickyProxyService(Service):
         return self.proxy.stop()
 
 
-def _host_port(address: Any) -> list[Any]:
-    return [getattr(address, "host", ""), getattr(address, "port", 0)]
+def _host_port(address: Any) -> tuple[str, int]:
+    return (str(getattr(address, "host", "")), int(getattr(address, "port", 0)))
 
 
 def _endpoint_host(host: str) -> str:

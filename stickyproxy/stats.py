@@ -81,6 +81,13 @@ class Stats:
         self.frontend = FrontendCounters()
         self.servers: dict[str, Counters] = {name: Counters() for name in server_names}
 
+    def server(self, name: str) -> Counters:
+        """The counters of server ``name`` (created on first use, e.g. after a reload)."""
+        counters = self.servers.get(name)
+        if counters is None:
+            counters = self.servers[name] = Counters()
+        return counters
+
     def as_dict(self) -> dict[str, object]:
         return {
             "frontend": self.frontend.as_dict(),

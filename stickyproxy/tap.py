@@ -49,5 +49,10 @@ def makeService(options: Options) -> IService:
 
     from stickyproxy.service import StickyProxyService
 
-    service: Any = StickyProxyService(options.loaded, reactor, ready_file=options["ready-file"])
+    service: Any = StickyProxyService(
+        options.loaded,
+        reactor,
+        ready_file=options["ready-file"],
+        config_path=options["config"],
+    )
     return service  # type: ignore[no-any-return]
