@@ -22,6 +22,10 @@ key                              default            meaning
                                                     header, comma- or space-separated
 ``[proxy] maxconn``              ``1000``           client connections accepted at once (>= 1)
 ``[proxy] timeout_connect``      ``5s``             connecting to a server
+``[proxy] grace_period``         ``10s``            *added*: on stop, how long requests in flight
+                                                    may take to finish
+``[proxy] close_spread_time``    ``10s``            *added*: on stop, open WebSockets are closed
+                                                    (Close 1001) spread over this window
 ``[proxy] timeout_queue``        (connect)          *added*: how long a request may wait for a
                                                     server at its ``maxconn``; then 503.
                                                     Defaults to ``timeout_connect``
@@ -60,16 +64,36 @@ key                              default            meaning
 ``[balance] hash_balance_factor``  ``0``            0 = off, else > 100 (bounded loads, %)
 ``[balance] hash_function``      ``default``        ``default`` | ``haproxy``
 ``[health] path``                ``/status?all=1``  request target of the check
-``[health] interval``            ``10s``            time between checks (> 0)
+``[health] interval``            ``10s``            time between checks of a server fully UP (> 0)
+``[health] fastinter``           (interval)         *added*: time between checks of a server going
+                                                    up or down (``UP 2/3``, ``DOWN 1/2``), and
+                                                    after start-up or maintenance
+``[health] downinter``           (interval)         *added*: time between checks of a server fully
+                                                    DOWN
 ``[health] timeout``             ``5s``             time allowed for one check (> 0)
 ``[health] rise``                ``1``              passes that bring a server UP (>= 1)
 ``[health] fall``                ``3``              failures that take a server DOWN (>= 1)
+``[health] expect_status``       ``200-399``        *added*: status codes that pass, as codes and
+                                                    ranges: ``200,204,300-399``
+``[health] host``                (server)           *added*: ``Host`` header of the check; empty
+                                                    means the server's ``host:port`` (HTTP/1.1)
+                                                    or no ``Host`` at all (HTTP/1.0)
+``[health] http_version``        ``1.1``            *added*: ``1.1`` | ``1.0`` (HAProxy's default,
+                                                    which sends no ``Host`` unless ``host`` is
+                                                    set)
+``[health] observe``             ``layer4``         *added*: ``layer4`` | ``none``; with
+                                                    ``layer4`` a failed connection during traffic
+                                                    counts as a failed check
 ``[server NAME] address``        (required)         ``host:port`` or ``[ipv6]:port``
 ``[server NAME] cookie``         NAME               cookie value naming this server (unique)
 ``[server NAME] weight``         ``10``             0 (drained) to 256
 ``[server NAME] maxconn``        ``1000``           concurrent requests, 0 = unlimited
 ``[server NAME] check``          ``true``           *added*: health-check this server
 ``[admin] listen``               (off)              endpoint string of the status page
+``[admin] token``                (none)             *added*: bearer token for runtime control
+                                                    (16 or more of ``A-Za-z0-9-._~+/``, then
+                                                    optional ``=``); without one, control is
+                                                    allowed from loopback only
 ``[demo] backends``              ``false``          *added*: run built-in demo backends in the
                                                     proxy process on every server address
                                                     (loopback addresses only)
@@ -123,6 +147,8 @@ class ProxyConfig:
     maxconn: int = 1000
     timeout_connect: float = 5.0
     timeout_queue: float = 5.0
+    grace_period: float = 10.0
+    close_spread_time: float = 10.0
     timeout_http_request: float = 10.0
     timeout_http_keep_alive: float = 10.0
     timeout_client: float = 60.0
@@ -168,9 +194,19 @@ class HealthConfig:
 
     path: str = "/status?all=1"
     interval: float = 10.0
+    #: ``None``: the same as ``interval``.
+    fastinter: float | None = None
+    #: ``None``: the same as ``interval``.
+    downinter: float | None = None
     timeout: float = 5.0
     rise: int = 1
     fall: int = 3
+    #: Inclusive ``(low, high)`` ranges of status codes that pass.
+    expect_status: tuple[tuple[int, int], ...] = ((200, 399),)
+    #: ``None``: HTTP/1.1 names the server (``host:port``), HTTP/1.0 sends no Host.
+    host: str | None = None
+    http_version: Literal["1.0", "1.1"] = "1.1"
+    observe: Literal["layer4", "none"] = "layer4"
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +227,9 @@ class AdminConfig:
     """``[admin]``: the status endpoint (empty ``listen`` disables it)."""
 
     listen: str | None = None
+    #: ``None``: runtime control only from loopback. Kept out of ``repr`` so
+    #: that a logged configuration does not leak it.
+    token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,6 +502,40 @@ def _request_path(text: str) -> str:
     return text
 
 
+_STATUS_RANGE_RE = re.compile(r"(?P<low>[1-5][0-9][0-9])(?:-(?P<high>[1-5][0-9][0-9]))?")
+# RFC 9110 §7.2: Host = uri-host [ ":" port ], where uri-host is a reg-name,
+# an IPv4 address or a bracketed IP-literal (RFC 3986 §3.2.2).
+_HOST_NAME = r"[A-Za-z0-9._~!$&'()*+,;=%-]+"
+_HOST_HEADER_RE = re.compile(rf"(?:{_HOST_NAME}|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?")
+
+
+def _status_ranges(text: str) -> tuple[tuple[int, int], ...]:
+    # RFC 9110 §15: a status code is three digits, 100 to 599.
+    expected = "status codes and ranges from 100 to 599 such as 200,204,300-399"
+    ranges = []
+    for item in text.split(","):
+        match = _STATUS_RANGE_RE.fullmatch(item.strip())
+        if match is None:
+            raise ValueError(f"expected {expected}, got {text!r}")
+        low = int(match["low"])
+        high = int(match["high"] or low)
+        if high < low:
+            raise ValueError(f"the range {item.strip()!r} ends before it starts")
+        ranges.append((low, high))
+    return tuple(ranges)
+
+
+def _host_header(text: str) -> str | None:
+    if not text:
+        return None
+    if not _HOST_HEADER_RE.fullmatch(text):
+        raise ValueError(
+            f"expected a Host header value such as editor.example.com or "
+            f"editor.example.com:3030, got {text!r}"
+        )
+    return text
+
+
 def _hash_key(text: str) -> tuple[str, str | None]:
     if text == "source":
         return ("source", None)
@@ -564,6 +637,27 @@ def _listen(text: str) -> tuple[str, ...]:
     return tuple(_endpoint(item) for item in items)
 
 
+# RFC 6750 §2.1: the b64token of an "Authorization: Bearer" header.
+_BEARER_TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_MIN_TOKEN_LENGTH = 16
+
+
+def _admin_token(text: str) -> str | None:
+    if not text:
+        return None
+    if not _BEARER_TOKEN_RE.fullmatch(text):
+        raise ValueError(
+            "a token may only use letters, digits and -._~+/ (then optional '='), "
+            "as an HTTP bearer token"
+        )
+    if len(text) < _MIN_TOKEN_LENGTH:
+        raise ValueError(
+            f"a token needs at least {_MIN_TOKEN_LENGTH} characters; make one with: "
+            "python -c 'import secrets; print(secrets.token_urlsafe(24))'"
+        )
+    return text
+
+
 def _admin_listen(text: str) -> str | None:
     if not text:
         return None
@@ -631,6 +725,8 @@ _SECTIONS: dict[str, _Parsers] = {
         "maxconn": _integer(1),
         "timeout_connect": _positive_duration,
         "timeout_queue": _positive_duration,
+        "grace_period": parse_duration,
+        "close_spread_time": parse_duration,
         "timeout_http_request": _positive_duration,
         "timeout_http_keep_alive": _positive_duration,
         "timeout_client": _positive_duration,
@@ -663,11 +759,17 @@ _SECTIONS: dict[str, _Parsers] = {
     "health": {
         "path": _request_path,
         "interval": _positive_duration,
+        "fastinter": _positive_duration,
+        "downinter": _positive_duration,
         "timeout": _positive_duration,
         "rise": _integer(1),
         "fall": _integer(1),
+        "expect_status": _status_ranges,
+        "host": _host_header,
+        "http_version": _choice("1.1", "1.0"),
+        "observe": _choice("layer4", "none"),
     },
-    "admin": {"listen": _admin_listen},
+    "admin": {"listen": _admin_listen, "token": _admin_token},
     "demo": {"backends": _boolean},
     "server": {
         "address": _address,

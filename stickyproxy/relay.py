@@ -56,6 +56,7 @@ from stickyproxy.pool import Decision, Pool, Server, State
 from stickyproxy.proxyproto import ProxyHeaderParser, ProxyInfo
 from stickyproxy.rewrite import ForwardOptions, error_response, prepare_request, prepare_response
 from stickyproxy.stats import Counters, Stats
+from stickyproxy.wsframes import GOING_AWAY, FrameTracker, close_frame
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress
@@ -187,6 +188,24 @@ class ProxyContext:
                     self.reactor.callLater(0, waiting.leave_queue)
                     return
 
+    def go_away(self, window: float, server_name: str | None = None) -> int:
+        """Close open WebSockets politely, spread evenly over ``window`` seconds.
+
+        Closing thousands of WebSockets at once makes their clients reconnect
+        in the same second; spreading the closes spreads the reconnections.
+
+        :param server_name: only the tunnels to this server (drain), or all.
+        :return: how many tunnels will be closed.
+        """
+        tunnels = [
+            conn
+            for conn in self.connections
+            if conn.in_tunnel and (server_name is None or conn.server_name == server_name)
+        ]
+        for index, conn in enumerate(tunnels):
+            self.reactor.callLater(window * index / len(tunnels), conn.go_away)
+        return len(tunnels)
+
     def shutdown_sessions(self, server_name: str) -> int:
         """Close every client connection now served by ``server_name``.
 
@@ -228,6 +247,9 @@ _T_CLIENT = "client"  # inactivity while the client sends a request body
 _T_SERVER = "server"  # inactivity while the server answers
 _T_TUNNEL = "tunnel"  # inactivity of a spliced connection
 _T_QUEUE = "queue"  # waiting for a server at its maxconn
+_T_GOING_AWAY = "going-away"  # waiting for a frame boundary to say goodbye
+# How long a goodbye may wait for the server to finish the frame it is in.
+_GOING_AWAY_WAIT = 5.0
 _INACTIVITY = (_T_CLIENT, _T_SERVER, _T_TUNNEL)
 
 
@@ -252,6 +274,8 @@ class Frontend:
         "_decision",
         "_exclude",
         "_first",
+        "_frames",
+        "_going_away",
         "_head_parser",
         "_idle_backend",
         "_in",
@@ -318,6 +342,8 @@ class Frontend:
         self._in = 0
         self._out = 0
         self._tunnel_server: Server | None = None
+        self._frames: FrameTracker | None = None
+        self._going_away = 0
 
     # -- connection set-up -------------------------------------------------
 
@@ -431,6 +457,8 @@ class Frontend:
             self._fail(408, "client stalled while sending the request body")
         elif kind == _T_SERVER:
             self._fail(504, "server did not respond in time")
+        elif kind == _T_GOING_AWAY:
+            self._close_tunnel()
         elif kind == _T_QUEUE:
             self.queued = False
             self._ctx.stats.frontend.queue_timeouts += 1
@@ -841,6 +869,9 @@ class Frontend:
     # -- tunnel ----------------------------------------------------------------
 
     def _start_tunnel(self, backend: Backend) -> None:
+        if self._request is not None and self._request.is_websocket_upgrade:
+            # Follow the server's frames, to say goodbye between two of them.
+            self._frames = FrameTracker()
         self._state = _TUNNEL
         self._tunnel_server = backend.server
         counters = self._ctx.stats.server(backend.server.name)
@@ -862,7 +893,43 @@ class Frontend:
         """Bytes from the server side of a tunnel."""
         self._last = self._ctx.reactor.seconds()
         self._out += len(data)
+        frames = self._frames
+        if frames is not None:
+            if self._going_away:
+                cut = frames.first_boundary(data)
+                if cut >= 0:
+                    relay_write(self.transport, data[:cut] + close_frame(self._going_away))
+                    self._close_tunnel()
+                    return
+            else:
+                frames.feed(data)
         relay_write(self.transport, data)
+
+    def go_away(self, code: int = GOING_AWAY) -> None:
+        """Close politely: requests finish first, WebSockets get a Close frame.
+
+        A WebSocket client is sent a Close frame with ``code`` (1001, "going
+        away", by default: RFC 6455 §7.4.1), placed between two of the
+        server's frames, so socket.io and other clients reconnect at once.
+        """
+        if self._state != _TUNNEL:
+            self.close_when_idle()
+            return
+        frames = self._frames
+        if frames is None:
+            self._close_tunnel()
+        elif frames.at_boundary:
+            relay_write(self.transport, close_frame(code))
+            self._close_tunnel()
+        else:
+            self._going_away = code
+            self._arm(_GOING_AWAY_WAIT, _T_GOING_AWAY)
+
+    def _close_tunnel(self) -> None:
+        backend = self._release_backend()
+        if backend is not None:
+            backend.detach_and_close()
+        self._close()
 
     def tunnel_server_eof(self) -> None:
         """The server half-closed a tunnel: pass the FIN on."""
@@ -938,6 +1005,11 @@ class Frontend:
         self._state = _CLOSED
         self._disarm()
         self.transport.abortConnection()
+
+    @property
+    def in_tunnel(self) -> bool:
+        """Whether this connection was upgraded (e.g. to a WebSocket)."""
+        return self._state == _TUNNEL
 
     @property
     def server_name(self) -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -174,30 +175,46 @@ class StickyProxy:
                 port.startReading()
 
     @inlineCallbacks
-    def stop(self, grace: float = 10.0) -> Any:
+    def stop(self, grace: float | None = None, spread: float | None = None) -> Any:
         """Stop gracefully.
 
-        Stop listening and checking, close idle client connections, let
-        requests in flight finish for up to ``grace`` seconds, then close what
-        is left (open WebSockets included).
+        1. Stop accepting and checking; idle client connections close now.
+        2. Requests in flight get up to ``grace`` seconds (``grace_period``)
+           to finish; each connection closes after its response.
+        3. Open WebSockets are closed with a Close frame (1001, going away),
+           spread evenly over ``spread`` seconds (``close_spread_time``), so
+           their clients do not all reconnect in the same second.
+        4. Whatever is still open then is cut.
         """
+        cfg = self.config.proxy
+        grace = cfg.grace_period if grace is None else grace
+        spread = cfg.close_spread_time if spread is None else spread
         self.health.stop()
         ports, self.listeners = self.ports, {}
         yield gatherResults([port.stopListening() for port in ports])
-        for conn in list(self.context.connections):
+        connections = self.context.connections
+        for conn in list(connections):
             conn.close_when_idle()
-        waited = 0.0
-        step = 0.05
-        while self.context.connections and waited < grace:
-            yield deferLater(self.reactor, step, lambda: None)
-            waited += step
-        for conn in list(self.context.connections):
+        yield self._wait(lambda: all(c.in_tunnel for c in connections), grace)
+        closing = self.context.go_away(spread)
+        if closing:
+            log.info("closing {n} WebSocket(s) over {spread}s", n=closing, spread=round(spread, 3))
+        # A Close frame may wait up to a few seconds for a frame boundary.
+        yield self._wait(lambda: not connections, spread + 6.0)
+        for conn in list(connections):
             conn.abort()
         others = list(self._demo_ports)
         if self.admin_port is not None:
             others.append(self.admin_port)
         self._demo_ports, self.admin_port = [], None
         yield DeferredList([port.stopListening() for port in others])
+
+    @inlineCallbacks
+    def _wait(self, done: Callable[[], bool], timeout: float) -> Any:
+        """Poll ``done`` every 50 ms, for at most ``timeout`` seconds."""
+        deadline = self.reactor.seconds() + timeout
+        while not done() and self.reactor.seconds() < deadline:
+            yield deferLater(self.reactor, 0.05, lambda: None)
 
 
 def _carry_state(previous: Server, server: Server) -> None:

@@ -6,7 +6,8 @@ import pytest
 
 from stickyproxy.hashring import address_key
 from stickyproxy.proxyproto import PP2_TYPE_AUTHORITY, PP2_TYPE_UNIQUE_ID, format_v1, format_v2
-from tests.relay_harness import CONFIG, SWITCH, UPGRADE, Harness, ok
+from stickyproxy.relay import Backend
+from tests.relay_harness import CONFIG, SWITCH, UPGRADE, FakeTCP, Harness, ok
 
 # -- routing and cookies ----------------------------------------------------------
 
@@ -502,3 +503,68 @@ def test_shutdown_sessions_closes_the_tunnels_of_one_server_only() -> None:
     backend.dataReceived(SWITCH)
     assert h.ctx.shutdown_sessions("s1") == 0 and not h.client.aborted
     assert h.ctx.shutdown_sessions("s2") == 1 and h.client.aborted
+
+
+# -- going away -------------------------------------------------------------------------------
+
+
+def _tunnel(h: Harness) -> tuple[Backend, FakeTCP]:
+    h.proxy_header()
+    h.send(UPGRADE)
+    backend, transport = h.accept()
+    backend.dataReceived(SWITCH)
+    h.output()
+    return backend, transport
+
+
+def test_going_away_between_frames_sends_close_1001_at_once() -> None:
+    h = Harness()
+    backend, transport = _tunnel(h)
+    backend.dataReceived(b"\x81\x02hi")
+    h.output()
+    h.frontend.go_away()
+    assert h.output() == b"\x88\x02\x03\xe9"
+    assert h.client.disconnecting and transport.disconnecting
+
+
+def test_going_away_inside_a_frame_waits_for_its_end() -> None:
+    h = Harness()
+    backend, _ = _tunnel(h)
+    backend.dataReceived(b"\x81\x05hel")
+    assert h.output() == b"\x81\x05hel"
+    h.frontend.go_away()
+    assert h.output() == b"" and not h.client.disconnecting
+    backend.dataReceived(b"lo\x81\x03new")
+    assert h.output() == b"lo\x88\x02\x03\xe9"
+    assert h.client.disconnecting
+
+
+def test_going_away_gives_up_waiting_for_a_frame_boundary() -> None:
+    h = Harness()
+    backend, _ = _tunnel(h)
+    backend.dataReceived(b"\x82\x7e\x10\x00partial")
+    h.frontend.go_away()
+    h.reactor.advance(5.1)
+    assert h.client.disconnecting
+
+
+def test_tunnels_are_closed_spread_over_the_window() -> None:
+    h = Harness()
+    _tunnel(h)
+    others = []
+    for n in range(3):
+        frontend, transport = h.another_client()
+        frontend.dataReceived(format_v1((f"198.51.100.{n}", 1), ("10.0.0.1", 80)))
+        frontend.dataReceived(UPGRADE)
+        backend, _ = h.accept()
+        backend.dataReceived(SWITCH)
+        others.append(transport)
+    clients = [h.client, *others]
+    assert h.ctx.go_away(4.0) == 4
+    h.reactor.advance(0)
+    closed = []
+    for _ in range(5):
+        closed.append(sum(1 for c in clients if c.disconnecting))
+        h.reactor.advance(1.0)
+    assert closed == [1, 2, 3, 4, 4]
+    assert all(c.value().endswith(b"\x88\x02\x03\xe9") for c in clients)
