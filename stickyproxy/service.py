@@ -16,9 +16,10 @@ import json
 import os
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import Service
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, inlineCallbacks, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
@@ -100,6 +101,7 @@ class StickyProxy:
                 continue
             endpoint = serverFromString(self.reactor, description)
             port = yield endpoint.listen(self.factory)
+            _bound_accepts(port, self._free_slots)
             if not self._accepting:
                 port.stopReading()
             self.listeners[description] = port
@@ -158,6 +160,9 @@ class StickyProxy:
         frontend["connections"] = len(self.context.connections)
         return {"servers": servers, "frontend": frontend}
 
+    def _free_slots(self) -> int:
+        return self.config.proxy.maxconn - len(self.context.connections)
+
     def _count_changed(self, count: int) -> None:
         """Stop accepting at ``maxconn``; the kernel backlog holds the rest.
 
@@ -215,6 +220,34 @@ class StickyProxy:
         deadline = self.reactor.seconds() + timeout
         while not done() and self.reactor.seconds() < deadline:
             yield deferLater(self.reactor, 0.05, lambda: None)
+
+
+class _BoundedAcceptPort(tcp.Port):
+    """A TCP port that never accepts more connections than ``maxconn`` allows.
+
+    Twisted accepts up to ``numberAccepts`` connections in one read of the
+    listening socket; stopping reading at ``maxconn`` only takes effect on the
+    next one, so a burst could overshoot. Bounding the batch by the free slots
+    leaves the rest in the kernel backlog, where HAProxy leaves them too.
+    """
+
+    _free: Callable[[], int]
+    _accepts = 100
+
+    @property
+    def numberAccepts(self) -> int:
+        return max(1, min(self._accepts, self._free()))
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        self._accepts = value
+
+
+def _bound_accepts(port: Any, free: Callable[[], int]) -> None:
+    if type(port) is tcp.Port:
+        port.__class__ = _BoundedAcceptPort
+        bounded = cast(_BoundedAcceptPort, port)
+        bounded._free = free
 
 
 def _carry_state(previous: Server, server: Server) -> None:
