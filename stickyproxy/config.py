@@ -67,9 +67,10 @@ key                              default            meaning
 ``[health] interval``            ``10s``            time between checks of a server fully UP (> 0)
 ``[health] fastinter``           (interval)         *added*: time between checks of a server going
                                                     up or down (``UP 2/3``, ``DOWN 1/2``), and
-                                                    after start-up or maintenance
+                                                    after start-up or maintenance; empty =
+                                                    ``interval``
 ``[health] downinter``           (interval)         *added*: time between checks of a server fully
-                                                    DOWN
+                                                    DOWN; empty = ``interval``
 ``[health] timeout``             ``5s``             time allowed for one check (> 0)
 ``[health] rise``                ``1``              passes that bring a server UP (>= 1)
 ``[health] fall``                ``3``              failures that take a server DOWN (>= 1)
@@ -509,6 +510,12 @@ _HOST_NAME = r"[A-Za-z0-9._~!$&'()*+,;=%-]+"
 _HOST_HEADER_RE = re.compile(rf"(?:{_HOST_NAME}|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?")
 
 
+def _optional_interval(text: str) -> float | None:
+    # Empty: the same as [health] interval, as HAProxy's fastinter/downinter
+    # default to inter.
+    return None if not text else _positive_duration(text)
+
+
 def _status_ranges(text: str) -> tuple[tuple[int, int], ...]:
     # RFC 9110 §15: a status code is three digits, 100 to 599.
     expected = "status codes and ranges from 100 to 599 such as 200,204,300-399"
@@ -759,8 +766,8 @@ _SECTIONS: dict[str, _Parsers] = {
     "health": {
         "path": _request_path,
         "interval": _positive_duration,
-        "fastinter": _positive_duration,
-        "downinter": _positive_duration,
+        "fastinter": _optional_interval,
+        "downinter": _optional_interval,
         "timeout": _positive_duration,
         "rise": _integer(1),
         "fall": _integer(1),

@@ -10,6 +10,19 @@ State follows HAProxy's model (``doc/management.txt``; ``src/check.c``):
   increments it and lifts it straight to the top once it reaches ``rise``.
   At startup and when leaving maintenance the counter is ``rise``: the
   server is up, but the first failure takes it down.
+* *Passive* observation (HAProxy's ``observe layer4``): with ``[health]
+  observe = layer4``, a connection to the server that fails during traffic
+  moves the counter exactly like a failed check, so ``fall`` refused
+  connections in a row take the server down. HAProxy's default reaction
+  (``on-error fastinter``) only brings the next check forward and needs
+  ``error-limit`` (10) errors; counting each failure as a failed check is
+  simpler to reason about and reacts within ``fall`` failures. Successful
+  connections are not counted as passed checks: accepting a connection says
+  little about whether the application behind it is healthy.
+
+How often a server is checked depends on its counter, as HAProxy's
+``srv_getinter``: ``interval`` at the top, ``downinter`` at 0, and
+``fastinter`` in between, while it is going up or down.
 
 From these, the effective :class:`State` and what traffic a server takes:
 
@@ -63,6 +76,7 @@ class Server:
     last_change: float | None = None
     requests: int = 0
     check_failures: int = 0
+    observed_failures: int = 0
     transitions: int = 0
 
     @property
@@ -182,6 +196,7 @@ class Pool:
             self.servers[config.name] = server
             if config.cookie:
                 self._by_cookie.setdefault(config.cookie, server)
+        self.health_config = health
         self._balance_factor = balance.hash_balance_factor
         self.ring: Ring
         if balance.hash_function == "haproxy":
@@ -283,6 +298,30 @@ class Pool:
         """Call ``callback`` with every :class:`Transition` from now on."""
         self._listeners.append(callback)
 
+    def remove_listener(self, callback: Callable[[Transition], None]) -> None:
+        """Stop calling ``callback``; a callback never added is ignored."""
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def check_interval(self, name: str) -> float:
+        """Return the delay before the next health check of server ``name``.
+
+        HAProxy's rule (``srv_getinter`` in ``src/check.c``): a server fully up
+        is checked every ``interval``, one fully down every ``downinter``, and
+        one in between (going up or down, or just started or out of
+        maintenance with the counter at ``rise``) every ``fastinter``, so
+        that a change is confirmed or denied quickly.
+
+        :raises KeyError: for an unknown server.
+        """
+        server = self.servers[name]
+        config = self.health_config
+        if server.health >= server.rise + server.fall - 1:
+            return config.interval
+        if server.health == 0:
+            return config.interval if config.downinter is None else config.downinter
+        return config.interval if config.fastinter is None else config.fastinter
+
     def record_check(self, name: str, ok: bool, now: float, detail: str) -> Transition | None:
         """Apply one health-check outcome to server ``name``.
 
@@ -299,19 +338,42 @@ class Pool:
         if not server.config.check or server.admin == "maint":
             return None
         old = server.state
-        top = server.rise + server.fall - 1
         if ok:
-            if server.health < top:
-                server.health += 1
-                if server.health >= server.rise:
-                    server.health = top
+            _passed(server)
         else:
             server.check_failures += 1
-            if server.health > 0:
-                server.health -= 1
-                if server.health < server.rise:
-                    server.health = 0
+            _failed(server)
         reason = f"health check {'passed' if ok else 'failed'}: {detail}"
+        return self._changed(server, old, reason, now)
+
+    def observe_connect_failure(self, name: str, now: float, detail: str) -> Transition | None:
+        """Count a connection to server ``name`` that failed during traffic.
+
+        With ``[health] observe = layer4`` the failure moves the health counter
+        as a failed check does. Servers without checks have no counter, and
+        servers in maintenance are not judged, so neither is affected; nor is
+        anything with ``observe = none``.
+
+        :param now: the time of the failure (seconds, any epoch).
+        :param detail: what went wrong, such as ``connection refused``.
+        :returns: the state change it caused, if any.
+        :raises KeyError: for an unknown server.
+        """
+        server = self.servers[name]
+        if (
+            self.health_config.observe != "layer4"
+            or not server.config.check
+            or server.admin == "maint"
+        ):
+            return None
+        server.observed_failures += 1
+        old = server.state
+        _failed(server)
+        # How far along the way down the server is, as HAProxy's "UP 2/3":
+        # failures so far out of the ``fall`` that take it down.
+        top = server.rise + server.fall - 1
+        progress = min(server.fall, top - server.health)
+        reason = f"{detail} during traffic ({progress}/{server.fall})"
         return self._changed(server, old, reason, now)
 
     def set_admin(self, name: str, admin: Admin, now: float | None = None) -> Transition | None:
@@ -364,6 +426,7 @@ class Pool:
                 "maxconn": s.config.maxconn,
                 "requests": s.requests,
                 "check_failures": s.check_failures,
+                "observed_failures": s.observed_failures,
                 "transitions": s.transitions,
                 "last_check": s.last_check,
                 "last_check_time": s.last_check_time,
@@ -371,3 +434,20 @@ class Pool:
             }
             for s in self.servers.values()
         ]
+
+
+def _passed(server: Server) -> None:
+    """Move the counter up: straight to the top once it reaches ``rise``."""
+    top = server.rise + server.fall - 1
+    if server.health < top:
+        server.health += 1
+        if server.health >= server.rise:
+            server.health = top
+
+
+def _failed(server: Server) -> None:
+    """Move the counter down: straight to 0 once it falls below ``rise``."""
+    if server.health > 0:
+        server.health -= 1
+        if server.health < server.rise:
+            server.health = 0

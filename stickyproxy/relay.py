@@ -634,6 +634,15 @@ class Frontend:
         """A connection attempt to ``server`` failed."""
         self._connecting = None
         self._ctx.release(server)
+        # Passive health (HAProxy's "observe layer4"): counted even when the
+        # client has gone, since the server is just as unreachable.
+        self._ctx.pool.observe_connect_failure(
+            server.name,
+            self._ctx.reactor.seconds(),
+            "connection refused"
+            if reason.check(TwistedConnectionRefused)
+            else f"connection failed: {reason.getErrorMessage()}",
+        )
         if self._state != _EXCHANGE:
             return
         cfg = self._ctx.config.proxy

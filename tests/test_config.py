@@ -145,6 +145,10 @@ def test_defaults_follow_the_configuration_contract() -> None:
     assert config.balance.hash_key == "source"
     assert config.balance.hash_key_name is None
     assert config.servers[0].check is True
+    assert (config.health.fastinter, config.health.downinter) == (None, None)
+    assert config.health.expect_status == ((200, 399),)
+    assert (config.health.host, config.health.http_version) == (None, "1.1")
+    assert config.health.observe == "layer4"
     assert config.admin.listen is None
     assert config.demo.backends is False
 
@@ -240,6 +244,27 @@ VALID = [
     ("health", "timeout", "750ms", "timeout", 0.75),
     ("health", "rise", "2", "rise", 2),
     ("health", "fall", "5", "fall", 5),
+    ("health", "fastinter", "2s", "fastinter", 2.0),
+    ("health", "downinter", "1m", "downinter", 60.0),
+    ("health", "fastinter", "", "fastinter", None),
+    ("health", "downinter", "", "downinter", None),
+    ("health", "expect_status", "200", "expect_status", ((200, 200),)),
+    (
+        "health",
+        "expect_status",
+        "200,204, 300-399",
+        "expect_status",
+        ((200, 200), (204, 204), (300, 399)),
+    ),
+    ("health", "expect_status", "100-599", "expect_status", ((100, 599),)),
+    ("health", "host", "editor.example.com", "host", "editor.example.com"),
+    ("health", "host", "editor:3030", "host", "editor:3030"),
+    ("health", "host", "[::1]:3030", "host", "[::1]:3030"),
+    ("health", "host", "", "host", None),
+    ("health", "http_version", "1.0", "http_version", "1.0"),
+    ("health", "http_version", "1.1", "http_version", "1.1"),
+    ("health", "observe", "none", "observe", "none"),
+    ("health", "observe", "layer4", "observe", "layer4"),
     ("admin", "listen", "tcp:9000:interface=127.0.0.1", "listen", "tcp:9000:interface=127.0.0.1"),
     ("admin", "listen", "", "listen", None),
     ("demo", "backends", "false", "backends", False),
@@ -394,6 +419,21 @@ INVALID = [
     ("health", "timeout", "0s", "above zero"),
     ("health", "rise", "0", ">= 1"),
     ("health", "fall", "0", ">= 1"),
+    ("health", "fastinter", "0s", "above zero"),
+    ("health", "fastinter", "2000", "2000ms"),
+    ("health", "downinter", "0ms", "above zero"),
+    ("health", "expect_status", "", "such as 200,204,300-399"),
+    ("health", "expect_status", "2xx", "such as 200,204,300-399"),
+    ("health", "expect_status", "200,,204", "such as 200,204,300-399"),
+    ("health", "expect_status", "99", "from 100 to 599"),
+    ("health", "expect_status", "600", "from 100 to 599"),
+    ("health", "expect_status", "399-300", "ends before it starts"),
+    ("health", "host", "editor example", "Host header value"),
+    ("health", "host", "editor:port", "Host header value"),
+    ("health", "host", "http://editor/", "Host header value"),
+    ("health", "http_version", "2", "expected 1.1 or 1.0"),
+    ("health", "http_version", "HTTP/1.1", "expected 1.1 or 1.0"),
+    ("health", "observe", "layer7", "expected layer4 or none"),
     ("admin", "listen", "tcp:1,tcp:2", "one endpoint"),
     ("admin", "listen", "9000", "write tcp:9000"),
     ("demo", "backends", "sometimes", "expected true or false"),

@@ -325,6 +325,162 @@ class TestHealth:
         assert snap[0]["address"] == "10.0.0.1:3001"
 
 
+class TestCheckInterval:
+    """HAProxy's srv_getinter: which of interval/fastinter/downinter applies."""
+
+    @staticmethod
+    def pool(**health: object) -> Pool:
+        config = HealthConfig(**{"rise": 2, "fall": 3, "interval": 10.0, **health})  # type: ignore[arg-type]
+        return Pool(servers(), config, BalanceConfig())
+
+    def test_fully_up_uses_interval_going_up_or_down_fastinter_fully_down_downinter(
+        self,
+    ) -> None:
+        pool = self.pool(fastinter=2.0, downinter=30.0)
+        server = pool.servers["s1"]
+        seen = []
+        for health in range(server.rise + server.fall):
+            server.health = health
+            seen.append((server.status, pool.check_interval("s1")))
+        assert seen == [
+            ("DOWN", 30.0),
+            ("DOWN 1/2", 2.0),
+            ("UP 1/3", 2.0),
+            ("UP 2/3", 2.0),
+            ("UP", 10.0),
+        ]
+
+    def test_a_fresh_server_is_checked_at_fastinter(self) -> None:
+        assert self.pool(fastinter=2.0).check_interval("s1") == 2.0
+
+    def test_fastinter_and_downinter_default_to_interval(self) -> None:
+        pool = self.pool()
+        for health in (0, 2, 4):
+            pool.servers["s1"].health = health
+            assert pool.check_interval("s1") == 10.0
+
+    def test_with_fall_one_there_is_no_way_down_only_up_or_down(self) -> None:
+        pool = self.pool(rise=1, fall=1, fastinter=2.0, downinter=30.0)
+        assert pool.check_interval("s1") == 10.0
+        take_down(pool, "s1")
+        assert pool.check_interval("s1") == 30.0
+
+
+@cache
+def _pool_pair(rise: int, fall: int) -> tuple[Pool, Pool]:
+    """Two one-server pools (building a ring costs more than the test itself)."""
+    observed = make_pool(servers(1), rise=rise, fall=fall, hash_function="haproxy")
+    checked = make_pool(servers(1), rise=rise, fall=fall, hash_function="haproxy")
+    return observed, checked
+
+
+class TestObserveLayer4:
+    """Connection failures seen in traffic count as failed checks (``observe layer4``)."""
+
+    def test_fall_refused_connections_take_a_server_down_with_the_reason(self) -> None:
+        pool = make_pool(rise=1, fall=3)
+        pool.record_check("s1", ok=True, now=0.0, detail="L7OK/200")
+        heard: list[Transition] = []
+        pool.add_listener(heard.append)
+        statuses = []
+        for t in (1.0, 2.0, 3.0):
+            pool.observe_connect_failure("s1", t, "connection refused")
+            statuses.append(pool.servers["s1"].status)
+        assert statuses == ["UP 2/3", "UP 1/3", "DOWN"]
+        assert heard == [
+            Transition("s1", State.UP, State.DOWN, "connection refused during traffic (3/3)")
+        ]
+        assert pool.servers["s1"].last_change == 3.0
+
+    def test_the_transition_is_returned_once(self) -> None:
+        pool = make_pool(rise=1, fall=2)
+        pool.record_check("s1", ok=True, now=0.0, detail="ok")
+        assert pool.observe_connect_failure("s1", 1.0, "timeout") is None
+        transition = pool.observe_connect_failure("s1", 2.0, "timeout")
+        assert transition == Transition("s1", State.UP, State.DOWN, "timeout during traffic (2/2)")
+        assert pool.observe_connect_failure("s1", 3.0, "timeout") is None
+
+    def test_a_fresh_server_falls_at_the_first_failure(self) -> None:
+        pool = make_pool(rise=1, fall=3)
+        assert pool.observe_connect_failure("s1", 1.0, "connection refused") is not None
+        assert pool.servers["s1"].state is State.DOWN
+
+    def test_failures_are_counted_apart_from_failed_checks(self) -> None:
+        pool = make_pool()
+        pool.observe_connect_failure("s1", 1.0, "connection refused")
+        snap = pool.snapshot()[0]
+        assert (snap["observed_failures"], snap["check_failures"]) == (1, 0)
+        # Only checks set what operators see as the last check.
+        assert snap["last_check"] is None
+
+    def test_only_a_passed_check_brings_the_server_back(self) -> None:
+        pool = make_pool(rise=1, fall=3)
+        pool.observe_connect_failure("s1", 1.0, "connection refused")
+        assert pool.servers["s1"].state is State.DOWN
+        pool.record_check("s1", ok=True, now=2.0, detail="L7OK/200")
+        assert pool.servers["s1"].status == "UP"
+
+    def test_unchecked_servers_are_not_affected(self) -> None:
+        pool = make_pool(servers(2, check=False))
+        for _ in range(5):
+            assert pool.observe_connect_failure("s1", 1.0, "connection refused") is None
+        assert pool.servers["s1"].status == "no check"
+        assert pool.servers["s1"].observed_failures == 0
+
+    def test_servers_in_maintenance_are_not_affected(self) -> None:
+        pool = make_pool()
+        pool.set_admin("s1", "maint")
+        assert pool.observe_connect_failure("s1", 1.0, "connection refused") is None
+        pool.set_admin("s1", "ready")
+        assert pool.servers["s1"].health == 1
+
+    def test_observe_none_turns_it_off(self) -> None:
+        pool = Pool(servers(), HealthConfig(observe="none"), BalanceConfig())
+        for _ in range(5):
+            assert pool.observe_connect_failure("s1", 1.0, "connection refused") is None
+        assert pool.servers["s1"].state is State.UP
+
+    def test_unknown_servers_are_refused(self) -> None:
+        with pytest.raises(KeyError):
+            make_pool().observe_connect_failure("nope", 1.0, "connection refused")
+
+    @given(
+        rise=st.integers(1, 4),
+        fall=st.integers(1, 4),
+        events=st.lists(st.sampled_from(["pass", "fail", "traffic"]), max_size=40),
+    )
+    def test_a_traffic_failure_moves_health_exactly_as_a_failed_check(
+        self, rise: int, fall: int, events: list[str]
+    ) -> None:
+        observed, checked = _pool_pair(rise, fall)
+        for pool in (observed, checked):
+            pool.servers["s1"].health = rise  # as at start-up
+        for event in events:
+            if event == "pass":
+                observed.record_check("s1", ok=True, now=0.0, detail="ok")
+                checked.record_check("s1", ok=True, now=0.0, detail="ok")
+            else:
+                checked.record_check("s1", ok=False, now=0.0, detail="bad")
+                if event == "fail":
+                    observed.record_check("s1", ok=False, now=0.0, detail="bad")
+                else:
+                    observed.observe_connect_failure("s1", 0.0, "connection refused")
+            server = observed.servers["s1"]
+            assert server.health == checked.servers["s1"].health
+            assert 0 <= server.health <= rise + fall - 1
+            assert server.operational is (server.health >= rise)
+
+
+def test_removed_listeners_hear_nothing_more() -> None:
+    pool = make_pool()
+    heard: list[Transition] = []
+    pool.add_listener(heard.append)
+    pool.remove_listener(heard.append)
+    pool.remove_listener(heard.append)  # a second time is harmless
+    pool.set_admin("s1", "maint")
+    assert heard == []
+
+
 def test_hashed_clients_spread_by_weight() -> None:
     configs = [ServerConfig(f"s{i}", "h", 1, f"s{i}", weight=w) for i, w in enumerate([1, 2, 4], 1)]
     pool = make_pool(configs)
