@@ -1,26 +1,404 @@
-"""The ``[admin]`` endpoint: server states as an HTML page and as JSON.
+"""The ``[admin]`` endpoint: status page, JSON, Prometheus metrics, runtime control.
 
-``GET /`` is a self-refreshing table for people; ``GET /stats.json`` returns
-``{"servers": [...], "frontend": {...}}`` where each server object is
-:meth:`stickyproxy.pool.Pool.snapshot`'s. The data source is injected, as in
-prometheus_client's Twisted resource, so the page is tested without a proxy.
+=========================================  ==========================================
+request                                    answer
+=========================================  ==========================================
+``GET /``                                  HTML status page, one row per server; it
+                                           reloads itself every 5 s with a meta
+                                           refresh (no script, no external assets);
+                                           ``?refresh=N`` changes the period, ``0``
+                                           stops it
+``GET /stats.json``                        the snapshot described below
+``GET /metrics``                           Prometheus text format (OpenMetrics when
+                                           the ``Accept`` header asks for it)
+``POST /servers/NAME/state``               ``state=ready|drain|maint`` in the query
+                                           or a form body: HAProxy's ``set server
+                                           state``
+``POST /servers/NAME/shutdown-sessions``   close every client connection served by
+                                           NAME, open WebSockets included
+=========================================  ==========================================
+
+Weights cannot be changed at run time: the pool has no API for it yet.
+
+``/stats.json``
+===============
+
+``{"servers": [SERVER, ...], "frontend": FRONTEND}``, servers in configuration
+order. Each ``SERVER`` has:
+
+* ``name``, ``address`` (``host:port``), ``cookie`` (its cookie value),
+  ``weight``, ``maxconn`` (concurrent requests allowed, 0 = no limit),
+  ``check`` (whether it is health-checked);
+* ``state``: ``UP`` (takes new clients), ``DRAIN`` (keeps clients pinned by
+  cookie, takes no new ones), ``DOWN`` (failed its checks) or ``MAINT`` (taken
+  out by an operator); ``admin``: the operator's setting, ``ready``, ``drain``
+  or ``maint``; ``status``: HAProxy's text, such as ``UP 2/3`` (two failed
+  checks out of the three that take it down) or ``DOWN 1/2`` (going up);
+* ``health``, ``rise``, ``fall``: the check counter behind ``status``;
+  ``last_check``: the result of the last check, ``last_check_time``: when it
+  ended, ``last_change``: when ``state`` last changed (seconds since the epoch,
+  or ``null``); ``transitions``: how many times ``state`` changed;
+  ``check_failures``: failed checks; ``observed_failures``: connections that
+  failed during traffic and counted as failed checks;
+* ``active``: requests being served now; ``tunnels``: upgraded (WebSocket)
+  connections open now, ``tunnels_total``: all of them so far;
+* ``requests``, ``bytes_in`` (from clients), ``bytes_out`` (to clients);
+  ``responses``: ``{"1xx": n, ..., "5xx": n, "other": n}``;
+* ``cookie_hits``: requests routed by a valid cookie; ``cookie_inserts``:
+  responses that set the cookie; ``repins``: cookies naming an unusable server
+  that were replaced; ``redispatches``: requests moved to another server after
+  failed connection attempts; ``connect_errors``: failed connection attempts;
+  ``queue_timeouts``: requests that waited for a free slot (``maxconn``) in
+  vain.
+
+``FRONTEND`` has the same traffic counters for the whole proxy, plus
+``connections`` (client connections open now), ``connections_total`` and
+``errors``: ``{"STATUS": n}``, the error responses the proxy wrote itself.
+
+``/metrics``
+============
+
+Per server, labelled ``server``: ``stickyproxy_server_state`` (a state set,
+label ``state``: one series per UP/DOWN/DRAIN/MAINT, 1 for the current one),
+gauges ``_weight``, ``_active_connections``, ``_max_connections``,
+``_current_tunnels``, and counters ``_requests_total``, ``_bytes_in_total``,
+``_bytes_out_total``, ``_tunnels_total``, ``_cookie_hits_total``,
+``_cookie_inserts_total``, ``_cookie_repins_total``, ``_redispatches_total``,
+``_connection_errors_total``, ``_queue_timeouts_total``,
+``_check_failures_total``, ``_observed_failures_total``,
+``_state_changes_total`` and ``_responses_total`` (label ``code``: ``1xx`` to
+``5xx``, ``other``). For the frontend, ``stickyproxy_frontend_*``: the same
+traffic counters, gauges ``_current_connections`` and ``_current_tunnels``,
+``_connections_total`` and ``_errors_total`` (label ``status``).
+
+Runtime control and who may use it
+==================================
+
+Control requests need ``Authorization: Bearer TOKEN`` (RFC 6750 §2.1) when
+``[admin] token`` is set: a missing token gets 401, a wrong one 403. Without a
+configured token, control is allowed only on connections that arrived at a
+loopback address (``127.0.0.0/8``, ``::1``) or a UNIX socket, that is from this
+machine, and only when the request could not have been forged by a web page:
+its ``Host`` must be an IP address or ``localhost`` (against DNS rebinding) and
+an ``Origin`` header, if any, must match it (against cross-site form posts).
+The read-only pages need no token. Every change is logged with the peer
+address and the ``X-Requested-By`` header (or the ``User-Agent``). Answers are
+JSON: ``{"server": NAME, ...}`` on success, ``{"error": TEXT}`` otherwise.
+
+The data come from callables passed to :func:`admin_site` (the proxy's
+``snapshot`` and an :class:`AdminControl`), so every page is tested without a
+proxy.
 """
 
 from __future__ import annotations
 
+import hmac
 import html
+import ipaddress
 import json
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import CollectorRegistry
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-Snapshot = Callable[[], dict[str, Any]]
+from stickyproxy.pool import Admin, Pool, Transition
+
+__all__ = [
+    "AdminControl",
+    "MetricsPage",
+    "ProxyControl",
+    "ServerControl",
+    "SnapshotCollector",
+    "StatsJSON",
+    "StatusPage",
+    "admin_site",
+    "human_age",
+    "human_bytes",
+    "render_status_page",
+    "requester",
+]
+
+log = Logger(namespace="stickyproxy.admin")
+
+Snapshot = Callable[[], Mapping[str, Any]]
+
+STATES = ("UP", "DOWN", "DRAIN", "MAINT")
+ADMIN_STATES: tuple[Admin, ...] = ("ready", "drain", "maint")
+RESPONSE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+
+
+class AdminControl(Protocol):
+    """What the admin endpoint may change. Both methods raise :exc:`KeyError`
+    for an unknown server name."""
+
+    def set_state(self, name: str, state: Admin) -> Transition | None:
+        """Set a server's administrative state; return the change it caused."""
+
+    def shutdown_sessions(self, name: str) -> int:
+        """Close every client connection served by ``name``; return how many."""
+
+
+class _Sessions(Protocol):
+    def shutdown_sessions(self, server_name: str) -> int: ...
+
+
+class _Proxy(Protocol):
+    """What :class:`ProxyControl` uses of a ``StickyProxy``."""
+
+    @property
+    def pool(self) -> Pool: ...
+
+    @property
+    def context(self) -> _Sessions: ...
+
+    @property
+    def reactor(self) -> IReactorTime: ...
+
+
+class ProxyControl:
+    """The :class:`AdminControl` of a running ``StickyProxy``.
+
+    The pool is looked up on every call rather than kept: a reload replaces
+    it, and a change must reach the servers now in use.
+    """
+
+    def __init__(self, proxy: _Proxy) -> None:
+        self.proxy = proxy
+
+    def set_state(self, name: str, state: Admin) -> Transition | None:
+        return self.proxy.pool.set_admin(name, state, self.proxy.reactor.seconds())
+
+    def shutdown_sessions(self, name: str) -> int:
+        if name not in self.proxy.pool.servers:
+            raise KeyError(name)
+        return self.proxy.context.shutdown_sessions(name)
+
+
+# -- numbers for people ----------------------------------------------------------------------
+
+
+def human_bytes(count: float) -> str:
+    """``1536`` → ``"1.5 KiB"``: powers of 1024, one decimal below 100."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{int(value)} B"
+    return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+
+
+def human_age(seconds: float) -> str:
+    """``75`` → ``"1m15s"``: the two largest units, never negative."""
+    total = max(0, int(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+# -- GET / -----------------------------------------------------------------------------------
+
+_STYLE = """
+body { font: 12.5px/1.35 system-ui, sans-serif; margin: 1em; color: #222; }
+h1 { font-size: 1.3em; margin: 0 0 .5em; }
+table { border-collapse: collapse; margin: .8em 0; font-size: 12px; }
+th, td { padding: .2em .3em; border: 1px solid #ddd; white-space: nowrap; }
+th { background: #f3f3f3; font-weight: 600; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; }
+.state { font-weight: 700; padding: .1em .5em; border-radius: .3em; color: #fff; }
+.UP .state { background: #2e7d32; }
+.DRAIN .state { background: #1565c0; }
+.DOWN .state { background: #c62828; }
+.MAINT .state { background: #6d4c41; }
+tr.DOWN, tr.MAINT { background: #fff3f3; }
+tr.DRAIN { background: #f2f7ff; }
+tfoot td { font-weight: 600; background: #fafafa; }
+.muted { color: #777; }
+dl { display: grid; grid-template-columns: max-content auto; gap: .1em 1em; }
+dt { color: #555; } dd { margin: 0; }
+"""
+
+
+def _cell(text: object, numeric: bool = False, title: str | None = None) -> str:
+    attributes = ' class="n"' if numeric else ""
+    if title:
+        attributes += f' title="{html.escape(title)}"'
+    return f"<td{attributes}>{html.escape(str(text))}</td>"
+
+
+def _count(value: object) -> str:
+    return f"{value:,}" if isinstance(value, int) else "-"
+
+
+def _traffic_cells(entry: Mapping[str, Any]) -> str:
+    """The counters shared by server rows and the frontend totals row."""
+    responses = entry.get("responses", {})
+    cells = [
+        _cell(_count(entry.get("tunnels")), True, f"{_count(entry.get('tunnels_total'))} in all"),
+        _cell(_count(entry.get("requests")), True),
+        _cell(human_bytes(entry.get("bytes_in", 0)), True, f"{entry.get('bytes_in', 0)} bytes"),
+        _cell(human_bytes(entry.get("bytes_out", 0)), True, f"{entry.get('bytes_out', 0)} bytes"),
+    ]
+    cells += [_cell(_count(responses.get(key, 0)), True) for key in RESPONSE_CLASSES]
+    cells += [
+        _cell(_count(entry.get(key)), True)
+        for key in ("cookie_hits", "cookie_inserts", "repins", "redispatches", "connect_errors")
+    ]
+    return "".join(cells)
+
+
+def _server_row(server: Mapping[str, Any], now: float) -> str:
+    state = str(server.get("state", ""))
+    status = str(server.get("status", state))
+    state_html = f'<span class="state">{html.escape(state)}</span>'
+    if status != state:
+        state_html += f' <span class="muted">{html.escape(status)}</span>'
+    if server.get("admin") not in (None, "ready"):
+        state_html += f' <span class="muted">(admin: {html.escape(str(server["admin"]))})</span>'
+    if not server.get("check", True):
+        check = "not checked"
+    elif server.get("last_check") is None:
+        check = "pending"
+    else:
+        check = str(server["last_check"])
+        if server.get("last_check_time") is not None:
+            check += f" · {human_age(now - float(server['last_check_time']))} ago"
+    changed = server.get("last_change")
+    if changed is not None:
+        # How long the server has been in this state, as HAProxy's "5m2s UP".
+        state_html += f' <span class="muted">for {human_age(now - float(changed))}</span>'
+    maxconn = server.get("maxconn")
+    limit = "∞" if maxconn == 0 else _count(maxconn)
+    name = html.escape(str(server.get("name", "")))
+    return (
+        f'<tr class="{html.escape(state)}" id="server-{name}" data-state="{html.escape(state)}">'
+        f"<th scope=row>{name}</th><td>{state_html}</td>"
+        + _cell(check)
+        + _cell(_count(server.get("weight")), True)
+        + _cell(f"{_count(server.get('active'))}/{limit}", True)
+        + _traffic_cells(server)
+        + _cell(_count(server.get("transitions")), True)
+        + "</tr>"
+    )
+
+
+def render_status_page(data: Mapping[str, Any], now: float, refresh: int) -> str:
+    """The HTML of ``GET /`` for one snapshot.
+
+    :param now: the current time, on the clock of the snapshot's timestamps.
+    :param refresh: seconds between reloads; 0 for none.
+    """
+    servers = list(data.get("servers", []))
+    frontend = data.get("frontend", {})
+    counts = {state: sum(1 for s in servers if s.get("state") == state) for state in STATES}
+    summary = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+    alarm = counts["DOWN"] + counts["MAINT"]
+    title = f"stickyproxy: {alarm} out" if alarm else "stickyproxy"
+    errors = frontend.get("errors", {})
+    error_text = ", ".join(f"{status}: {n:,}" for status, n in errors.items()) or "none"
+    meta = f'<meta http-equiv="refresh" content="{refresh}">' if refresh > 0 else ""
+    every = f"reloads every {refresh} s" if refresh > 0 else "automatic reload off"
+    rows = "\n".join(_server_row(server, now) for server in servers)
+    totals = (
+        '<tr><th scope=row>Frontend</th><td colspan=2 class="muted">all servers</td><td></td>'
+        + _cell(f"{_count(frontend.get('connections'))} clients", True)
+        + _traffic_cells(frontend)
+        + "<td></td></tr>"
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">{meta}
+<meta name="viewport" content="width=device-width">
+<title>{html.escape(title)}</title>
+<style>{_STYLE}</style></head><body>
+<h1>stickyproxy</h1>
+<p>{len(servers)} servers: {html.escape(summary) or "none"}.
+<span class="muted">This page {every}.</span></p>
+<table>
+<thead><tr><th rowspan=2>Server</th><th rowspan=2>State</th><th rowspan=2>Last check</th>
+<th rowspan=2>Weight</th><th rowspan=2 title="requests being served / maxconn">Active</th>
+<th rowspan=2>Tunnels</th>
+<th rowspan=2>Requests</th><th colspan=2>Bytes</th><th colspan=6>Responses</th>
+<th colspan=3>Cookie</th><th colspan=2>Errors</th><th rowspan=2>Changes</th></tr>
+<tr><th>in</th><th>out</th>{"".join(f"<th>{c}</th>" for c in RESPONSE_CLASSES)}
+<th>hits</th><th>inserts</th><th>re-pins</th><th title="requests redispatched">redisp.</th>
+<th title="failed connection attempts">connect</th></tr></thead>
+<tbody>
+{rows}
+</tbody>
+<tfoot>{totals}</tfoot>
+</table>
+<dl id="frontend">
+<dt>Client connections</dt><dd>{_count(frontend.get("connections"))} open,
+{_count(frontend.get("connections_total"))} in all</dd>
+<dt>Tunnels</dt><dd>{_count(frontend.get("tunnels"))} open,
+{_count(frontend.get("tunnels_total"))} in all</dd>
+<dt>Requests</dt><dd>{_count(frontend.get("requests"))}</dd>
+<dt>Queue timeouts</dt><dd>{_count(frontend.get("queue_timeouts"))}</dd>
+<dt>Error responses</dt><dd>{html.escape(error_text)}</dd>
+</dl>
+<p><a href="stats.json">stats.json</a> · <a href="metrics">metrics</a></p>
+</body></html>
+"""
+
+
+def _no_store(request: Request, content_type: bytes) -> None:
+    request.setHeader(b"Content-Type", content_type)
+    request.setHeader(b"Cache-Control", b"no-store")
+    request.setHeader(b"X-Content-Type-Options", b"nosniff")
+
+
+class StatusPage(Resource):
+    """``GET /``: the status page.
+
+    :param clock: gives the current time, to show how old each check is.
+    :param refresh: default seconds between reloads.
+    """
+
+    isLeaf = True
+
+    def __init__(self, snapshot: Snapshot, clock: IReactorTime, refresh: int = 5) -> None:
+        super().__init__()
+        self.snapshot = snapshot
+        self.clock = clock
+        self.refresh = refresh
+
+    def render_GET(self, request: Request) -> bytes:
+        refresh = self.refresh
+        value = _argument(request, "refresh")
+        if value is not None and value.isdigit():
+            refresh = min(int(value), 3600)
+        page = render_status_page(self.snapshot(), self.clock.seconds(), refresh)
+        _no_store(request, b"text/html; charset=utf-8")
+        # Nothing on the page runs or loads: forbid it all, framing included
+        # (clickjacking of a page that sits next to control endpoints).
+        request.setHeader(
+            b"Content-Security-Policy",
+            b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+        )
+        return page.encode()
+
+
+# -- GET /stats.json -------------------------------------------------------------------------
 
 
 class StatsJSON(Resource):
-    """``/stats.json``."""
+    """``GET /stats.json``: the snapshot as JSON."""
 
     isLeaf = True
 
@@ -29,76 +407,329 @@ class StatsJSON(Resource):
         self.snapshot = snapshot
 
     def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"Content-Type", b"application/json")
-        request.setHeader(b"Cache-Control", b"no-store")
+        _no_store(request, b"application/json")
         return json.dumps(self.snapshot(), indent=1).encode()
 
 
-_COLUMNS = (
-    ("name", "Server"),
-    ("address", "Address"),
-    ("status", "Status"),
-    ("last_check", "Last check"),
-    ("weight", "Weight"),
-    ("active", "Active"),
-    ("maxconn", "Max"),
-    ("requests", "Requests"),
-    ("transitions", "Changes"),
+# -- GET /metrics ----------------------------------------------------------------------------
+
+# (snapshot key, metric name without prefix, help). Counter names get their
+# ``_total`` suffix from prometheus_client.
+_COUNTERS = (
+    ("requests", "requests", "HTTP requests forwarded."),
+    ("bytes_in", "bytes_in", "Bytes received from clients."),
+    ("bytes_out", "bytes_out", "Bytes sent to clients."),
+    ("tunnels_total", "tunnels", "Connections upgraded to a tunnel (WebSocket)."),
+    ("cookie_hits", "cookie_hits", "Requests routed by a valid persistence cookie."),
+    ("cookie_inserts", "cookie_inserts", "Responses that set the persistence cookie."),
+    ("repins", "cookie_repins", "Cookies naming an unusable server, replaced."),
+    ("redispatches", "redispatches", "Requests moved to another server after retries."),
+    ("connect_errors", "connection_errors", "Failed connection attempts to servers."),
+    ("queue_timeouts", "queue_timeouts", "Requests that waited for a server slot in vain."),
+)
+_SERVER_COUNTERS = (
+    ("check_failures", "check_failures", "Failed health checks."),
+    ("observed_failures", "observed_failures", "Connections failed in traffic, counted as checks."),
+    ("transitions", "state_changes", "Changes of the server's state."),
+)
+_SERVER_GAUGES = (
+    ("weight", "weight", "Configured weight."),
+    ("active", "active_connections", "Requests being served now."),
+    ("maxconn", "max_connections", "Concurrent requests allowed, 0 for no limit."),
+    ("tunnels", "current_tunnels", "Tunnels (WebSockets) open now."),
+)
+_FRONTEND_GAUGES = (
+    ("connections", "current_connections", "Client connections open now."),
+    ("tunnels", "current_tunnels", "Tunnels (WebSockets) open now."),
 )
 
 
-class StatusPage(Resource):
-    """``/``: one row per server, refreshing itself every few seconds."""
+class SnapshotCollector:
+    """A prometheus_client collector that reads one snapshot per scrape.
+
+    Names follow the Prometheus conventions (``stickyproxy_server_*`` with a
+    ``server`` label, ``stickyproxy_frontend_*``; counters end in ``_total``).
+    As HAProxy's exporter does for ``haproxy_server_status``, the state is a
+    state set: ``stickyproxy_server_state{server, state}`` has one series per
+    state, 1 for the current one and 0 for the others, so a change never
+    makes a series disappear.
+    """
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        data = self.snapshot()
+        servers = list(data.get("servers", []))
+        frontend = data.get("frontend", {})
+
+        state = GaugeMetricFamily(
+            "stickyproxy_server_state",
+            "1 for the server's current state (UP, DOWN, DRAIN, MAINT), 0 for the others.",
+            labels=["server", "state"],
+        )
+        for server in servers:
+            for name in STATES:
+                state.add_metric([server["name"], name], 1 if server.get("state") == name else 0)
+        yield state
+        yield from _families("server", servers, _SERVER_GAUGES, GaugeMetricFamily)
+        yield from _families("server", servers, _COUNTERS + _SERVER_COUNTERS, CounterMetricFamily)
+        yield _responses("stickyproxy_server_responses", servers)
+
+        yield from _families("frontend", [frontend], _FRONTEND_GAUGES, GaugeMetricFamily)
+        yield from _families("frontend", [frontend], _COUNTERS, CounterMetricFamily)
+        yield from _families(
+            "frontend",
+            [frontend],
+            (("connections_total", "connections", "Client connections accepted."),),
+            CounterMetricFamily,
+        )
+        yield _responses("stickyproxy_frontend_responses", [frontend])
+        errors = CounterMetricFamily(
+            "stickyproxy_frontend_errors",
+            "Error responses written by the proxy itself, by status.",
+            labels=["status"],
+        )
+        for status, count in frontend.get("errors", {}).items():
+            errors.add_metric([str(status)], count)
+        yield errors
+
+
+def _families(
+    scope: str,
+    entries: list[Mapping[str, Any]],
+    table: Iterable[tuple[str, str, str]],
+    kind: type[GaugeMetricFamily] | type[CounterMetricFamily],
+) -> Iterator[Metric]:
+    labels = ["server"] if scope == "server" else []
+    for key, name, help_text in table:
+        family = kind(f"stickyproxy_{scope}_{name}", help_text, labels=labels)
+        for entry in entries:
+            value = entry.get(key)
+            if isinstance(value, int | float):
+                family.add_metric([entry["name"]] if labels else [], value)
+        yield family
+
+
+def _responses(name: str, entries: list[Mapping[str, Any]]) -> Metric:
+    scoped = name.startswith("stickyproxy_server")
+    family = CounterMetricFamily(
+        name, "HTTP responses by status class.", labels=["server", "code"] if scoped else ["code"]
+    )
+    for entry in entries:
+        responses = entry.get("responses", {})
+        for code in RESPONSE_CLASSES:
+            labels = [entry["name"], code] if scoped else [code]
+            family.add_metric(labels, responses.get(code, 0))
+    return family
+
+
+class MetricsPage(Resource):
+    """``GET /metrics``.
+
+    prometheus_client's own Twisted resource runs a WSGI app in a thread,
+    which would read the proxy's state off the reactor thread; this one
+    renders on the reactor thread from a private registry, so several proxies
+    in one process never share metrics.
+    """
 
     isLeaf = True
 
-    def __init__(self, snapshot: Snapshot, refresh: int = 5) -> None:
+    def __init__(self, snapshot: Snapshot) -> None:
         super().__init__()
-        self.snapshot = snapshot
-        self.refresh = refresh
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SnapshotCollector(snapshot))
 
     def render_GET(self, request: Request) -> bytes:
-        data = self.snapshot()
-        header = "".join(f"<th>{html.escape(title)}</th>" for _, title in _COLUMNS)
-        rows = []
-        for server in data["servers"]:
-            state = html.escape(str(server["state"]))
-            cells = "".join(
-                f"<td>{html.escape('' if server[key] is None else str(server[key]))}</td>"
-                for key, _ in _COLUMNS
-            )
-            rows.append(f'<tr class="{state}">{cells}</tr>')
-        frontend = data["frontend"]
-        page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><meta http-equiv="refresh" content="{self.refresh}">
-<title>stickyproxy status</title>
-<style>
-body {{ font: 14px system-ui, sans-serif; margin: 2em; }}
-table {{ border-collapse: collapse; }}
-th, td {{ padding: .3em .8em; border-bottom: 1px solid #ddd; text-align: left; }}
-tr.UP td:nth-child(3) {{ color: #060; font-weight: bold; }}
-tr.DOWN td:nth-child(3), tr.MAINT td:nth-child(3) {{ color: #b00; font-weight: bold; }}
-tr.DRAIN td:nth-child(3) {{ color: #a60; font-weight: bold; }}
-</style></head><body>
-<h1>stickyproxy</h1>
-<p>Client connections: {int(frontend["connections"])}</p>
-<table><tr>{header}</tr>
-{"".join(rows)}
-</table>
-<p><a href="stats.json">stats.json</a></p>
-</body></html>
-"""
-        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-        request.setHeader(b"Cache-Control", b"no-store")
-        return page.encode()
+        accept = request.getHeader(b"accept")
+        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
+        _no_store(request, content_type.encode())
+        return encoder(self.registry)
 
 
-def admin_site(snapshot: Snapshot) -> Site:
-    """The admin web site: ``/`` and ``/stats.json``."""
+# -- POST /servers/NAME/... ------------------------------------------------------------------
+
+
+def _argument(request: Request, name: str) -> str | None:
+    values = (request.args or {}).get(name.encode())
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def _json(request: Request, code: int, body: Mapping[str, Any]) -> bytes:
+    request.setResponseCode(code)
+    _no_store(request, b"application/json")
+    return json.dumps(body).encode() + b"\n"
+
+
+def _is_local(address: object) -> bool:
+    if isinstance(address, UNIXAddress):
+        return True
+    if isinstance(address, IPv4Address | IPv6Address):
+        try:
+            ip = ipaddress.ip_address(address.host.split("%", 1)[0])
+        except ValueError:
+            return False
+        mapped = getattr(ip, "ipv4_mapped", None)
+        return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
+    return False
+
+
+def _host_name(authority: str) -> str:
+    """``[::1]:9000`` → ``::1``; ``localhost:9000`` → ``localhost``."""
+    return urlsplit(f"//{authority}").hostname or ""
+
+
+def _forgeable(request: Request) -> str | None:
+    """Why a request without a token might come from a hostile web page, if it might."""
+    host = (request.getHeader(b"host") or b"").decode("latin-1")
+    name = _host_name(host)
+    if name != "localhost":
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            # A name other than localhost may be an attacker's DNS name that
+            # now resolves to 127.0.0.1 (DNS rebinding): the page is then
+            # same-origin with this endpoint.
+            return f"Host {host!r} is not an IP address or localhost"
+    origin = request.getHeader(b"origin")
+    # Browsers send Origin with cross-site POSTs (RFC 6454 §7; Fetch): a
+    # form on another site must not drive this endpoint.
+    if origin is not None and urlsplit(origin.decode("latin-1")).netloc != host:
+        return f"Origin {origin.decode('latin-1')!r} is not this endpoint"
+    return None
+
+
+def requester(request: Request) -> str:
+    """Who asked, for the log: the peer and a hint of the tool or person."""
+    address = request.getClientAddress()
+    if isinstance(address, IPv4Address | IPv6Address):
+        peer = f"{address.host}:{address.port}"
+    elif isinstance(address, UNIXAddress):
+        peer = "unix socket"
+    else:
+        peer = "unknown peer"
+    hint = request.getHeader(b"x-requested-by") or request.getHeader(b"user-agent") or b"-"
+    # Printable ASCII only and bounded, so a header cannot forge log lines.
+    text = "".join(c if c.isprintable() else "?" for c in hint.decode("ascii", "replace"))
+    return f"{peer} ({text[:80]})"
+
+
+class ServerControl(Resource):
+    """``POST /servers/NAME/state`` and ``POST /servers/NAME/shutdown-sessions``.
+
+    :param token: returns the bearer token required, or ``None`` for the
+        loopback rule of the module docstring.
+    """
+
+    isLeaf = True
+
+    def __init__(self, control: AdminControl | None, token: Callable[[], str | None]) -> None:
+        super().__init__()
+        self.control = control
+        self.token = token
+
+    def render(self, request: Request) -> bytes:
+        path = [segment.decode("utf-8", "replace") for segment in request.postpath or []]
+        if len(path) != 2 or path[1] not in ("state", "shutdown-sessions"):
+            return _json(request, 404, {"error": "use /servers/NAME/state or /shutdown-sessions"})
+        if request.method != b"POST":
+            request.setHeader(b"Allow", b"POST")
+            return _json(request, 405, {"error": "use POST"})
+        who = requester(request)
+        refusal = self._refusal(request)
+        if refusal is not None:
+            code, reason = refusal
+            log.warn("admin: refused {who}: {reason}", who=who, reason=reason)
+            return _json(request, code, {"error": reason})
+        control = self.control
+        if control is None:
+            return _json(request, 501, {"error": "this endpoint has no runtime control"})
+        name, action = path
+        try:
+            if action == "state":
+                return _set_state(control, request, name, who)
+            closed = control.shutdown_sessions(name)
+        except KeyError:
+            return _json(request, 404, {"error": f"no server named {name!r}"})
+        log.info(
+            "admin: {who} shut down {closed} sessions of {server}",
+            who=who,
+            closed=closed,
+            server=name,
+        )
+        return _json(request, 200, {"server": name, "closed": closed})
+
+    def _refusal(self, request: Request) -> tuple[int, str] | None:
+        token = self.token()
+        if token is not None:
+            scheme, _, credentials = (request.getHeader(b"authorization") or b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not credentials.strip():
+                # RFC 6750 §3: a request without credentials gets 401 and a challenge.
+                request.setHeader(b"WWW-Authenticate", b'Bearer realm="stickyproxy admin"')
+                return 401, "send Authorization: Bearer TOKEN"
+            if not hmac.compare_digest(credentials.strip(), token.encode()):
+                return 403, "wrong token"
+            return None
+        if not _is_local(request.getHost()):
+            return 403, "no [admin] token is configured: control is only allowed from loopback"
+        forged = _forgeable(request)
+        if forged is not None:
+            return 403, forged
+        return None
+
+
+def _set_state(control: AdminControl, request: Request, name: str, who: str) -> bytes:
+    state = _argument(request, "state")
+    if state not in ADMIN_STATES:
+        return _json(request, 400, {"error": "state must be ready, drain or maint"})
+    transition = control.set_state(name, state)
+    outcome = (
+        "no change" if transition is None else f"{transition.old.value} -> {transition.new.value}"
+    )
+    log.info(
+        "admin: {who} set {server} to {state}: {outcome}",
+        who=who,
+        server=name,
+        state=state,
+        outcome=outcome,
+    )
+    change = None
+    if transition is not None:
+        change = {"old": transition.old.value, "new": transition.new.value}
+    return _json(request, 200, {"server": name, "admin": state, "transition": change})
+
+
+# -- the site --------------------------------------------------------------------------------
+
+
+def admin_site(
+    snapshot: Snapshot,
+    *,
+    control: AdminControl | None = None,
+    token: str | Callable[[], str | None] | None = None,
+    reactor: Any = None,
+    refresh: int = 5,
+) -> Site:
+    """The admin web site (see the module docstring for what it serves).
+
+    :param snapshot: returns the proxy's state (``StickyProxy.snapshot``).
+    :param control: runtime control; without it control requests get 501.
+    :param token: ``[admin] token``, or a callable that returns the current
+        one (so that a reload that changes it takes effect at once).
+    :param reactor: the reactor for time and connection timeouts (default:
+        the global one).
+    :param refresh: seconds between reloads of the status page.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
     root = Resource()
-    page = StatusPage(snapshot)
-    root.putChild(b"", page)
+    root.putChild(b"", StatusPage(snapshot, reactor, refresh))
     root.putChild(b"stats.json", StatsJSON(snapshot))
-    site = Site(root)
+    root.putChild(b"metrics", MetricsPage(snapshot))
+    current_token = token if callable(token) else lambda: token
+    root.putChild(b"servers", ServerControl(control, current_token))
+    site = Site(root, reactor=reactor)
     site.noisy = False
     return site

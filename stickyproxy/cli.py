@@ -1,4 +1,4 @@
-"""``python -m stickyproxy``: offline tools for a configuration file.
+"""``python -m stickyproxy``: tools for a configuration file and a running proxy.
 
 ``check``
     Validate a configuration, including building its listening endpoints
@@ -11,22 +11,40 @@
     :func:`stickyproxy.hashring.address_key`), so it can be used to plan a
     cut-over or to see which clients move when a server is taken out.
 
-Exit status: 0 on success, 1 when the configuration or an address is bad,
-2 on a usage error.
+``ctl``
+    Talk to a running proxy's ``[admin]`` endpoint (:mod:`stickyproxy.admin`):
+    ``status`` prints a table of the servers, ``state NAME ready|drain|maint``
+    and ``shutdown-sessions NAME`` change them. The endpoint comes from
+    ``--admin`` or ``$STICKYPROXY_ADMIN``, the token from ``--token`` or
+    ``$STICKYPROXY_ADMIN_TOKEN`` (the environment keeps it out of ``ps``).
+
+Exit status: 0 on success, 1 when the configuration or an address is bad or
+the proxy refused or could not be reached, 2 on a usage error.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
+import os
+import socket
 import sys
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TextIO
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, TextIO
 
 from stickyproxy import __version__
 from stickyproxy.config import Config, load_config
 from stickyproxy.errors import ConfigError, ConfigProblem
 
-__all__ = ["build_parser", "endpoint_problems", "main", "route"]
+__all__ = ["build_parser", "ctl", "endpoint_problems", "main", "route"]
+
+#: Where ``ctl`` looks when neither ``--admin`` nor ``$STICKYPROXY_ADMIN`` says
+#: (the ``[admin] listen`` of the sample configuration).
+DEFAULT_ADMIN = "http://127.0.0.1:9000"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +88,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="treat server NAME as draining: it keeps cookie users, takes no new ones (repeatable)",
     )
     route.add_argument("addresses", nargs="*", metavar="ADDRESS", help="client IP address")
+
+    ctl_parser = commands.add_parser(
+        "ctl",
+        help="show or change a running proxy's servers",
+        description="Talk to the [admin] endpoint of a running proxy.",
+    )
+    ctl_parser.add_argument(
+        "--admin",
+        default=os.environ.get("STICKYPROXY_ADMIN", DEFAULT_ADMIN),
+        metavar="URL",
+        help=f"the admin endpoint (default: $STICKYPROXY_ADMIN or {DEFAULT_ADMIN})",
+    )
+    ctl_parser.add_argument(
+        "--token",
+        default=os.environ.get("STICKYPROXY_ADMIN_TOKEN") or None,
+        metavar="TOKEN",
+        help="the [admin] token (default: $STICKYPROXY_ADMIN_TOKEN)",
+    )
+    ctl_parser.add_argument(
+        "--timeout", type=float, default=10.0, metavar="SECONDS", help="give up after this long"
+    )
+    actions = ctl_parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions.add_parser("status", help="print the servers' states and traffic")
+    state = actions.add_parser("state", help="set a server's administrative state")
+    state.add_argument("name", metavar="NAME", help="server name")
+    state.add_argument("state", choices=("ready", "drain", "maint"), help="the new state")
+    shutdown = actions.add_parser(
+        "shutdown-sessions", help="close every client connection of a server"
+    )
+    shutdown.add_argument("name", metavar="NAME", help="server name")
     return parser
 
 
@@ -179,6 +227,135 @@ def route(
     return status
 
 
+class _AdminError(Exception):
+    """The admin endpoint could not be reached or refused the request."""
+
+
+def _admin_request(
+    base: str, path: str, *, form: Mapping[str, str] | None, token: str | None, timeout: float
+) -> Any:
+    """One request to the admin endpoint; return its decoded JSON body.
+
+    :raises _AdminError: with a message for people.
+    """
+    if "://" not in base:
+        base = "http://" + base
+    data = None if form is None else urllib.parse.urlencode(form).encode()
+    request = urllib.request.Request(base.rstrip("/") + path, data=data)
+    if data is not None:
+        request.add_header("Content-Type", "application/x-www-form-urlencoded")
+    request.add_header("User-Agent", f"stickyproxy-ctl/{__version__}")
+    # The proxy logs this with every change it makes.
+    request.add_header("X-Requested-By", f"{_user()}@{socket.gethostname()} via stickyproxy ctl")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as error:
+        with error:
+            try:
+                reason = json.load(error)["error"]
+            except (ValueError, KeyError, TypeError):
+                reason = error.reason
+        raise _AdminError(f"{error.code} {reason}") from error
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise _AdminError(f"cannot reach {base}: {reason}") from error
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (containers)
+        return f"uid {os.getuid()}"
+
+
+_STATUS_COLUMNS = ("SERVER", "STATE", "STATUS", "WEIGHT", "ACTIVE", "TUNNELS", "REQUESTS", "CHECK")
+
+
+def _status_table(data: Mapping[str, Any]) -> list[str]:
+    rows = [_STATUS_COLUMNS]
+    for server in data.get("servers", []):
+        maxconn = server.get("maxconn")
+        rows.append(
+            (
+                str(server.get("name")),
+                str(server.get("state")),
+                str(server.get("status")),
+                str(server.get("weight")),
+                f"{server.get('active')}/{'-' if maxconn == 0 else maxconn}",
+                str(server.get("tunnels", "-")),
+                str(server.get("requests", "-")),
+                str(server.get("last_check") or "-"),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_STATUS_COLUMNS))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    frontend = data.get("frontend", {})
+    errors = " ".join(f"{status}={n}" for status, n in frontend.get("errors", {}).items())
+    lines.append(
+        f"frontend: {frontend.get('connections', '-')} connections, "
+        f"{frontend.get('tunnels', '-')} tunnels, {frontend.get('requests', '-')} requests, "
+        f"errors: {errors or 'none'}"
+    )
+    return lines
+
+
+def ctl(
+    admin: str,
+    action: str,
+    *,
+    name: str | None = None,
+    state: str | None = None,
+    token: str | None = None,
+    timeout: float = 10.0,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    """Run one ``ctl`` action against the admin endpoint at ``admin``.
+
+    :param admin: the endpoint's URL (``http://`` is assumed without a scheme).
+    :param action: ``status``, ``state`` (with ``name`` and ``state``) or
+        ``shutdown-sessions`` (with ``name``).
+    :returns: 0, or 1 when the request failed or was refused.
+    """
+    try:
+        if action == "status":
+            data = _admin_request(admin, "/stats.json", form=None, token=token, timeout=timeout)
+            for line in _status_table(data):
+                print(line, file=out)
+            return 0
+        if name is None:
+            raise ValueError(f"{action} needs a server name")
+        path = f"/servers/{urllib.parse.quote(name, safe='')}"
+        if action == "state":
+            if state is None:
+                raise ValueError("state needs ready, drain or maint")
+            answer = _admin_request(
+                admin, f"{path}/state", form={"state": state}, token=token, timeout=timeout
+            )
+            change = answer.get("transition")
+            if change:
+                print(f"{name}: {change['old']} -> {change['new']}", file=out)
+            else:
+                print(f"{name}: {state} (state unchanged)", file=out)
+            return 0
+        if action == "shutdown-sessions":
+            answer = _admin_request(
+                admin, f"{path}/shutdown-sessions", form={}, token=token, timeout=timeout
+            )
+            print(f"{name}: closed {answer['closed']} connection(s)", file=out)
+            return 0
+        raise ValueError(f"unknown action {action!r}")
+    except _AdminError as error:
+        print(f"stickyproxy ctl {action}: {error}", file=err)
+        return 1
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -207,6 +384,17 @@ def main(
         return 2
     if args.command == "check":
         return _check(args.config, out)
+    if args.command == "ctl":
+        return ctl(
+            args.admin,
+            args.action,
+            name=getattr(args, "name", None),
+            state=getattr(args, "state", None),
+            token=args.token,
+            timeout=args.timeout,
+            out=out,
+            err=err,
+        )
 
     try:
         config = load_config(args.config)

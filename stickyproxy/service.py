@@ -115,10 +115,17 @@ class StickyProxy:
             yield port.stopListening()
         self._admin_description = description
         if description:
-            from stickyproxy.admin import admin_site
+            from stickyproxy.admin import ProxyControl, admin_site
 
             endpoint = serverFromString(self.reactor, description)
-            self.admin_port = yield endpoint.listen(admin_site(self.snapshot))
+            site = admin_site(
+                self.snapshot,
+                control=ProxyControl(self),
+                # Read at each request, so a reload that changes the token applies at once.
+                token=lambda: self.config.admin.token,
+                reactor=self.reactor,
+            )
+            self.admin_port = yield endpoint.listen(site)
 
     @inlineCallbacks
     def reload(self, config: Config) -> Any:
@@ -304,7 +311,6 @@ class StickyProxyService(Service):
         d.addErrback(failures.append)
         if failures:
             failures[0].raiseException()
-        d.addCallback(lambda _: self._write_ready())
 
     def startService(self) -> None:
         super().startService()
@@ -313,6 +319,8 @@ class StickyProxyService(Service):
             self._bind()
         if self.config_path is not None:
             signal.signal(signal.SIGHUP, self._on_sighup)
+        # Only now is the proxy ready for everything, signals included.
+        self._write_ready()
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)
