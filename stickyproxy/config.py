@@ -40,6 +40,9 @@ key                              default            meaning
 ``[proxy] retries``              ``3``              connection attempts after the first (>= 0)
 ``[proxy] redispatch``           ``true``           the last retry may go to another server
 ``[proxy] forwarded_for``        ``true``           add ``X-Forwarded-For``
+``[proxy] access_log``           ``off``            *added*: one line per request and per finished
+                                                    tunnel: ``httplog`` (HAProxy-style text),
+                                                    ``json`` or ``off``
 ``[proxy] proxy_tlv_headers``    ``false``          *added*: pass the PROXY v2 AUTHORITY and
                                                     UNIQUE_ID to backends as
                                                     ``X-Proxy-Authority``/``X-Unique-ID``
@@ -159,6 +162,7 @@ class ProxyConfig:
     redispatch: bool = True
     forwarded_for: bool = True
     proxy_tlv_headers: bool = False
+    access_log: Literal["httplog", "json", "off"] = "off"
     max_head_size: int = 15360
     max_headers: int = 100
 
@@ -743,6 +747,7 @@ _SECTIONS: dict[str, _Parsers] = {
         "redispatch": _boolean,
         "forwarded_for": _boolean,
         "proxy_tlv_headers": _boolean,
+        "access_log": _choice("httplog", "json", "off"),
         "max_head_size": _positive_size,
         "max_headers": _integer(1),
     },

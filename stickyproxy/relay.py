@@ -41,6 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from stickyproxy.accesslog import RequestRecord, TunnelRecord, as_json, request_line, tunnel_line
 from stickyproxy.errors import ProtocolError, ProxyHeaderError
 from stickyproxy.hashring import address_key, text_key
 from stickyproxy.httphead import (
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
     from stickyproxy.config import Config, IPNetwork
 
 log = Logger(namespace="stickyproxy")
+access_log = Logger(namespace="stickyproxy.access")
 
 # A plain TCP transport whose write buffer is empty can take bytes straight
 # to the socket: Twisted's write() only queues them and sends them on a later
@@ -267,6 +269,7 @@ class Frontend:
         "_body",
         "_client_eof",
         "_close_after",
+        "_closed_by",
         "_connecting",
         "_cookie_values",
         "_ctx",
@@ -274,14 +277,18 @@ class Frontend:
         "_decision",
         "_exclude",
         "_first",
+        "_flushed_in",
+        "_flushed_out",
         "_frames",
         "_going_away",
         "_head_parser",
         "_idle_backend",
         "_in",
+        "_in_mark",
         "_key",
         "_last",
         "_out",
+        "_out_mark",
         "_pending",
         "_proxy_parser",
         "_request",
@@ -292,6 +299,12 @@ class Frontend:
         "_reused",
         "_server_eof",
         "_state",
+        "_status",
+        "_t_head",
+        "_t_request",
+        "_t_response",
+        "_t_routed",
+        "_t_sent",
         "_throttle",
         "_timer",
         "_timer_kind",
@@ -338,9 +351,17 @@ class Frontend:
         self.proxy_info: ProxyInfo | None = None
         self.queued = False
         self._cookie_values: Sequence[str] = ()
-        # Bytes from and to the client not yet added to the counters.
-        self._in = 0
-        self._out = 0
+        # Bytes from and to the client: totals, what the counters already
+        # have, and where the current request or tunnel began.
+        self._in = self._out = 0
+        self._flushed_in = self._flushed_out = 0
+        self._in_mark = self._out_mark = 0
+        # Times of the current request, for the access log.
+        # -1 means "has not happened".
+        self._t_head = self._t_request = self._t_routed = -1.0
+        self._t_sent = self._t_response = -1.0
+        self._status = 0
+        self._closed_by = "client"
         self._tunnel_server: Server | None = None
         self._frames: FrameTracker | None = None
         self._going_away = 0
@@ -451,6 +472,7 @@ class Frontend:
         elif kind == _T_KEEPALIVE:
             self._close()
         elif kind == _T_TUNNEL:
+            self._closed_by = "proxy"
             log.info("{client}: tunnel idle, closed", client=self.peer_text())
             self._close()
         elif kind == _T_CLIENT:
@@ -518,6 +540,7 @@ class Frontend:
         assert parser is not None
         if self._state == _IDLE:
             self._state = _HEAD
+            self._t_head = self._ctx.reactor.seconds()
             if not self._first:
                 # The keep-alive wait is over; the head now has its deadline.
                 self._arm(self._ctx.config.proxy.timeout_http_request, _T_REQUEST)
@@ -538,6 +561,10 @@ class Frontend:
         self._state = _EXCHANGE
         self._first = False
         self._request = head
+        self._t_request = self._ctx.reactor.seconds()
+        self._t_routed = self._t_sent = self._t_response = -1.0
+        self._status = 0
+        self._out_mark = self._out
         self._response_started = False
         self._close_after = head.close_after or not head.keep_alive
         body = BodyReader(head.framing) if head.framing.kind != "none" else None
@@ -590,6 +617,7 @@ class Frontend:
             self._enqueue(ctx.queues[server.name])
             return
         ctx.pool.acquire(server)
+        self._t_routed = ctx.reactor.seconds()
         idle, self._idle_backend = self._idle_backend, None
         if idle is not None:
             if (
@@ -695,6 +723,7 @@ class Frontend:
         btransport.registerProducer(self._throttle, True)
         self.transport.registerProducer(backend.throttle, True)
         relay_write(btransport, self._request_bytes)
+        self._t_sent = self._ctx.reactor.seconds()
         self._throttle.resume(Throttle.WAITING)
         pending, self._pending = self._pending, b""
         if self._request_done:
@@ -760,6 +789,8 @@ class Frontend:
         )
         self._response_started = True
         self._close_after = close
+        self._t_response = self._ctx.reactor.seconds()
+        self._status = status
         self._count_response(server, decision, status)
         if status == 101:
             relay_write(self.transport, head.serialize())
@@ -793,10 +824,13 @@ class Frontend:
         targets: list[Counters] = [stats.frontend]
         if server is not None:
             targets.append(stats.server(server.name))
+        new_in = self._in - self._flushed_in
+        new_out = self._out - self._flushed_out
         for counters in targets:
-            counters.bytes_in += self._in
-            counters.bytes_out += self._out
-        self._in = self._out = 0
+            counters.bytes_in += new_in
+            counters.bytes_out += new_out
+        self._flushed_in = self._in
+        self._flushed_out = self._out
 
     def response_body(self, data: bytes) -> None:
         """Part of a response body, already framed: forward it."""
@@ -809,6 +843,7 @@ class Frontend:
         backend = self._backend
         assert backend is not None
         self.flush_bytes()
+        self._log_request(backend.server.name)
         self._release_backend()
         if reusable and self._request_done and not self._close_after:
             backend.park()
@@ -855,6 +890,7 @@ class Frontend:
             return
         self._release_backend()
         if self._state == _TUNNEL:
+            self._closed_by = "server"
             self._close()
             return
         request = self._request
@@ -877,12 +913,62 @@ class Frontend:
 
     # -- tunnel ----------------------------------------------------------------
 
+    def _log_request(self, server: str, status: int = 0, error: str = "") -> None:
+        """Write the access log line of the request that just ended."""
+        mode = self._ctx.config.proxy.access_log
+        if mode == "off":
+            return
+        now = self._ctx.reactor.seconds()
+        t_head = self._t_head if self._t_head >= 0 else now
+        t_request = self._t_request if self._t_request >= 0 else now
+        t_routed = self._t_routed if self._t_routed >= 0 else t_request
+        t_sent = self._t_sent if self._t_sent >= 0 else t_routed
+        responded = self._t_response >= 0
+        decision = self._decision
+        record = RequestRecord(
+            client=self.peer_text(),
+            time=t_head,
+            server=server,
+            decision="none" if decision is None else decision.reason,
+            status=status or self._status,
+            bytes_out=self._out - self._out_mark,
+            t_request=t_request - t_head,
+            t_queue=t_routed - t_request,
+            t_connect=t_sent - t_routed,
+            t_response=self._t_response - t_sent if responded else -1.0,
+            t_total=now - t_head,
+            request_line=_request_line(self._request),
+            cookie_set=decision is not None and decision.set_cookie and responded,
+            error=error,
+        )
+        line = as_json(record) if mode == "json" else request_line(record)
+        access_log.info("{line}", line=line)
+
+    def _log_tunnel(self, server: Server) -> None:
+        mode = self._ctx.config.proxy.access_log
+        if mode == "off":
+            return
+        now = self._ctx.reactor.seconds()
+        record = TunnelRecord(
+            client=self.peer_text(),
+            time=self._t_response,
+            server=server.name,
+            duration=now - self._t_response,
+            bytes_from_client=self._in - self._in_mark,
+            bytes_to_client=self._out - self._out_mark,
+            closed_by=self._closed_by,
+        )
+        line = as_json(record) if mode == "json" else tunnel_line(record)
+        access_log.info("{line}", line=line)
+
     def _start_tunnel(self, backend: Backend) -> None:
         if self._request is not None and self._request.is_websocket_upgrade:
             # Follow the server's frames, to say goodbye between two of them.
             self._frames = FrameTracker()
         self._state = _TUNNEL
         self._tunnel_server = backend.server
+        self._log_request(backend.server.name)
+        self._in_mark, self._out_mark = self._in, self._out
         counters = self._ctx.stats.server(backend.server.name)
         counters.tunnels += 1
         counters.tunnels_total += 1
@@ -924,6 +1010,7 @@ class Frontend:
         if self._state != _TUNNEL:
             self.close_when_idle()
             return
+        self._closed_by = "proxy"
         frames = self._frames
         if frames is None:
             self._close_tunnel()
@@ -943,6 +1030,8 @@ class Frontend:
     def tunnel_server_eof(self) -> None:
         """The server half-closed a tunnel: pass the FIN on."""
         self._server_eof = True
+        if not self._client_eof:
+            self._closed_by = "server"
         if self._client_eof:
             self._close()
         else:
@@ -979,10 +1068,17 @@ class Frontend:
         available to a request without a body: like HAProxy, the client may
         try again on the same connection.
         """
-        log.info(
-            "{client}: {status} {reason}", client=self.peer_text(), status=status, reason=reason
-        )
         backend = self._release_backend()
+        if self._state in (_HEAD, _EXCHANGE) and self._ctx.config.proxy.access_log != "off":
+            server = "-" if backend is None else backend.server.name
+            self._log_request(server, status, reason)
+        else:
+            log.info(
+                "{client}: {status} {reason}",
+                client=self.peer_text(),
+                status=status,
+                reason=reason,
+            )
         if backend is not None:
             backend.detach_and_close()
         if self._response_started or self._state in (_CLOSED, _TUNNEL):
@@ -1028,6 +1124,7 @@ class Frontend:
 
     def abort(self) -> None:
         """Close at once, both sides, whatever is in flight."""
+        self._closed_by = "proxy"
         backend = self._release_backend()
         if backend is not None:
             backend.detach_and_close()
@@ -1051,6 +1148,7 @@ class Frontend:
         self.flush_bytes()
         tunnel_server, self._tunnel_server = self._tunnel_server, None
         if tunnel_server is not None:
+            self._log_tunnel(tunnel_server)
             self._ctx.stats.server(tunnel_server.name).tunnels -= 1
             self._ctx.stats.frontend.tunnels -= 1
         backend = self._release_backend()
@@ -1319,6 +1417,13 @@ class FrontendFactory(Factory):
 
     def buildProtocol(self, addr: IAddress) -> Frontend:  # type: ignore[override]
         return Frontend(self.ctx)
+
+
+def _request_line(request: RequestHead | None) -> str:
+    if request is None:
+        return "<BADREQ>"
+    target = request.target if len(request.target) <= 200 else request.target[:200] + b"..."
+    return b" ".join((request.method, target, request.version)).decode("latin-1")
 
 
 def _no_delay(transport: Any) -> None:

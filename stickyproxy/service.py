@@ -22,10 +22,11 @@ from twisted.application.service import Service
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, inlineCallbacks, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from stickyproxy import systemd
 from stickyproxy.config import Config, load_config
 from stickyproxy.errors import ConfigError
 from stickyproxy.health import HealthChecker, log_transition
@@ -294,6 +295,7 @@ class StickyProxyService(Service):
         self.ready_file = ready_file
         self.config_path = config_path
         self._bound = False
+        self._watchdog: LoopingCall | None = None
 
     def privilegedStartService(self) -> None:
         """Bind every listener before twistd drops privileges.
@@ -319,8 +321,26 @@ class StickyProxyService(Service):
             self._bind()
         if self.config_path is not None:
             signal.signal(signal.SIGHUP, self._on_sighup)
-        # Only now is the proxy ready for everything, signals included.
+        # Ready once the reactor runs: twistd installs its SIGTERM handler
+        # then, and a supervisor told "ready" may signal at once.
+        self.reactor.callWhenRunning(self._announce_ready)
+
+    def _announce_ready(self) -> None:
+        """Write the ready file and tell systemd (``Type=notify``) we serve.
+
+        With ``WatchdogSec=`` set, the reactor pings from then on: a loop that
+        stops turning stops the pings, and systemd restarts the service.
+        """
         self._write_ready()
+        _notify(systemd.ready, self._listening())
+        interval = systemd.watchdog_interval()
+        if interval is not None and self._watchdog is None:
+            self._watchdog = LoopingCall(_notify, systemd.watchdog)
+            self._watchdog.clock = self.reactor
+            self._watchdog.start(interval, now=False)
+
+    def _listening(self) -> str:
+        return "listening on " + ", ".join(f"{h}:{p}" for h, p in self.proxy.addresses)
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)
@@ -333,6 +353,19 @@ class StickyProxyService(Service):
 
         :return: a Deferred firing with whether the new configuration is in use.
         """
+        assert self.config_path is not None
+        _notify(systemd.reloading, "reloading " + self.config_path)
+        d = self._reload()
+        d.addBoth(self._notify_reloaded)
+        return d
+
+    def _notify_reloaded(self, result: Any) -> Any:
+        # After RELOADING=1 systemd waits for READY=1, whatever the outcome.
+        outcome = "" if result is True else "; reload refused, previous configuration kept"
+        _notify(systemd.ready, self._listening() + outcome)
+        return result
+
+    def _reload(self) -> Deferred[bool]:
         assert self.config_path is not None
         try:
             config = load_config(self.config_path)
@@ -362,7 +395,18 @@ class StickyProxyService(Service):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
+        _notify(systemd.stopping, "draining connections")
+        if self._watchdog is not None and self._watchdog.running:
+            self._watchdog.stop()
         return self.proxy.stop()
+
+
+def _notify(send: Callable[..., bool], *args: Any) -> None:
+    """Tell systemd; a failure is logged, never raised into start, reload or stop."""
+    try:
+        send(*args)
+    except OSError:
+        log.failure("systemd notification failed")
 
 
 def _host_port(address: Any) -> tuple[str, int]:
