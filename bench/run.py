@@ -2,7 +2,7 @@
 
 ::
 
-    /work/venv/bin/python bench/run.py [--quick] [--json results.json]
+    .venv/bin/python bench/run.py [--quick] [--json results.json]
 
 Starts fast backends and the three proxies on 127.0.0.1 (OS-chosen ports),
 drives HTTP load with wrk and WebSocket load with an asyncio client, reads each
