@@ -15,10 +15,13 @@ request                                    answer
                                            or a form body: HAProxy's ``set server
                                            state``
 ``POST /servers/NAME/shutdown-sessions``   close every client connection served by
-                                           NAME, open WebSockets included
+                                           NAME, open WebSockets included; with
+                                           ``spread=30s``, WebSockets get a Close
+                                           frame (1001) spread over that long
 =========================================  ==========================================
 
-Weights cannot be changed at run time: the pool has no API for it yet.
+``POST /servers/NAME/weight``              ``weight=N`` (0-256): HAProxy's ``set
+                                           server weight``
 
 ``/stats.json``
 ===============
@@ -109,6 +112,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from stickyproxy.config import parse_duration
 from stickyproxy.pool import Admin, Pool, Transition
 
 __all__ = [
@@ -145,9 +149,15 @@ class AdminControl(Protocol):
     def shutdown_sessions(self, name: str) -> int:
         """Close every client connection served by ``name``; return how many."""
 
+    def close_tunnels(self, name: str, spread: float) -> int:
+        """Send the WebSockets of ``name`` a Close frame (1001), spread over
+        ``spread`` seconds; return how many."""
+
 
 class _Sessions(Protocol):
     def shutdown_sessions(self, server_name: str) -> int: ...
+
+    def go_away(self, window: float, server_name: str | None = None) -> int: ...
 
 
 class _Proxy(Protocol):
@@ -180,6 +190,11 @@ class ProxyControl:
         if name not in self.proxy.pool.servers:
             raise KeyError(name)
         return self.proxy.context.shutdown_sessions(name)
+
+    def close_tunnels(self, name: str, spread: float) -> int:
+        if name not in self.proxy.pool.servers:
+            raise KeyError(name)
+        return self.proxy.context.go_away(spread, name)
 
 
 # -- numbers for people ----------------------------------------------------------------------
@@ -550,6 +565,14 @@ class MetricsPage(Resource):
 # -- POST /servers/NAME/... ------------------------------------------------------------------
 
 
+def _seconds(text: str) -> float | None:
+    """A duration such as ``30s`` or ``2m`` (a bare number is seconds)."""
+    try:
+        return float(text) if text.replace(".", "", 1).isdigit() else parse_duration(text)
+    except ValueError:
+        return None
+
+
 def _argument(request: Request, name: str) -> str | None:
     values = (request.args or {}).get(name.encode())
     return values[0].decode("utf-8", "replace") if values else None
@@ -645,17 +668,27 @@ class ServerControl(Resource):
         if control is None:
             return _json(request, 501, {"error": "this endpoint has no runtime control"})
         name, action = path
+        spread = _argument(request, "spread")
         try:
             if action == "state":
                 return _set_state(control, request, name, who)
-            closed = control.shutdown_sessions(name)
+            if spread is not None:
+                # A drain's last step: WebSockets told to go away (1001),
+                # spread out so their clients do not reconnect all at once.
+                seconds = _seconds(spread)
+                if seconds is None:
+                    return _json(request, 400, {"error": "spread must be a duration: 30s, 2m"})
+                closed = control.close_tunnels(name, seconds)
+            else:
+                closed = control.shutdown_sessions(name)
         except KeyError:
             return _json(request, 404, {"error": f"no server named {name!r}"})
         log.info(
-            "admin: {who} shut down {closed} sessions of {server}",
+            "admin: {who} shut down {closed} sessions of {server}{how}",
             who=who,
             closed=closed,
             server=name,
+            how="" if spread is None else f", WebSockets closed over {spread}",
         )
         return _json(request, 200, {"server": name, "closed": closed})
 

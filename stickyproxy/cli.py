@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         "shutdown-sessions", help="close every client connection of a server"
     )
     shutdown.add_argument("name", metavar="NAME", help="server name")
+    shutdown.add_argument(
+        "--spread",
+        metavar="DURATION",
+        help="send WebSockets a Close frame (1001) spread over this time (e.g. 30s) "
+        "instead of cutting every connection at once",
+    )
     return parser
 
 
@@ -311,6 +317,7 @@ def ctl(
     *,
     name: str | None = None,
     state: str | None = None,
+    spread: str | None = None,
     token: str | None = None,
     timeout: float = 10.0,
     out: TextIO,
@@ -320,7 +327,8 @@ def ctl(
 
     :param admin: the endpoint's URL (``http://`` is assumed without a scheme).
     :param action: ``status``, ``state`` (with ``name`` and ``state``) or
-        ``shutdown-sessions`` (with ``name``).
+        ``shutdown-sessions`` (with ``name``, and ``spread`` to close
+        WebSockets politely over that long).
     :returns: 0, or 1 when the request failed or was refused.
     """
     try:
@@ -345,8 +353,9 @@ def ctl(
                 print(f"{name}: {state} (state unchanged)", file=out)
             return 0
         if action == "shutdown-sessions":
+            form = {} if spread is None else {"spread": spread}
             answer = _admin_request(
-                admin, f"{path}/shutdown-sessions", form={}, token=token, timeout=timeout
+                admin, f"{path}/shutdown-sessions", form=form, token=token, timeout=timeout
             )
             print(f"{name}: closed {answer['closed']} connection(s)", file=out)
             return 0
@@ -390,6 +399,7 @@ def main(
             args.action,
             name=getattr(args, "name", None),
             state=getattr(args, "state", None),
+            spread=getattr(args, "spread", None),
             token=args.token,
             timeout=args.timeout,
             out=out,

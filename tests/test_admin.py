@@ -111,6 +111,12 @@ class Control:
             raise KeyError(name)
         return self.closed
 
+    def close_tunnels(self, name: str, spread: float) -> int:
+        self.calls.append(("close_tunnels", name, str(spread)))
+        if name not in self.pool.servers:
+            raise KeyError(name)
+        return self.closed
+
 
 @dataclass
 class Response:
@@ -670,3 +676,14 @@ def test_a_weak_or_malformed_token_is_a_config_error_that_does_not_echo_it(token
     (problem,) = caught.value.problems
     assert (problem.section, problem.key) == ("admin", "token")
     assert token not in str(caught.value)
+
+
+def test_shutdown_sessions_with_spread_closes_websockets_gracefully(proxy: FakeProxy) -> None:
+    local = IPv4Address("TCP", "127.0.0.1", 9000)
+    control = Control(proxy.pool)
+    site = make_site(proxy, control)
+    response = fetch(site, "POST", "/servers/s1/shutdown-sessions?spread=30s", local=local)
+    assert response.status == 200
+    assert control.calls == [("close_tunnels", "s1", "30.0")]
+    bad = fetch(site, "POST", "/servers/s1/shutdown-sessions?spread=soon", local=local)
+    assert bad.status == 400
