@@ -119,6 +119,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
+from stickyproxy.cookietoken import parse_keys
 from stickyproxy.errors import ConfigError, ConfigProblem
 
 __all__ = [
@@ -181,6 +182,14 @@ class CookieConfig:
     max_age: float | None = None
     domain: str | None = None
     path: str = "/"
+    #: Signing keys, first signs, all verify (``[cookie] secret``); empty:
+    #: the cookie carries the server's cookie value in clear. Kept out of
+    #: ``repr`` so that a logged configuration never shows a secret.
+    secret: tuple[bytes, ...] = field(default=(), repr=False)
+    #: Seconds a signed cookie stays valid after its last refresh, or no limit.
+    maxidle: float | None = None
+    #: Seconds a signed cookie stays valid after the first pin, or no limit.
+    maxlife: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,6 +488,20 @@ def _max_age(text: str) -> float | None:
     return seconds
 
 
+def _cookie_secret(text: str) -> tuple[bytes, ...]:
+    return tuple(parse_keys(text))
+
+
+def _cookie_date_limit(text: str) -> float | None:
+    if not text:
+        return None
+    seconds = parse_duration(text)
+    # The signed dates have one-second resolution.
+    if seconds < 1:
+        raise ValueError(f"expected at least 1s, or nothing for no limit, got {text!r}")
+    return seconds
+
+
 def _cookie_domain(text: str) -> str | None:
     if not text:
         return None
@@ -762,6 +785,9 @@ _SECTIONS: dict[str, _Parsers] = {
         "max_age": _max_age,
         "domain": _cookie_domain,
         "path": _cookie_path,
+        "secret": _cookie_secret,
+        "maxidle": _cookie_date_limit,
+        "maxlife": _cookie_date_limit,
     },
     "balance": {
         "hash_key": _hash_key,
@@ -1071,6 +1097,20 @@ def parse_config(text: str, source: str = "<string>") -> Config:
                 "cookie without the Secure attribute",
             )
         )
+    for key in ("maxidle", "maxlife"):
+        if (
+            cookie.get(key) is not None
+            and not cookie.get("secret")
+            # A secret given but invalid is already reported.
+            and not any(p.section == "cookie" and p.key == "secret" for p in problems)
+        ):
+            problems.append(
+                ConfigProblem(
+                    "cookie",
+                    key,
+                    "needs [cookie] secret: the dates are only trustworthy in a signed value",
+                )
+            )
     balance = sections.get("balance", {})
     if "hash_key" in balance:
         balance["hash_key"], balance["hash_key_name"] = balance["hash_key"]

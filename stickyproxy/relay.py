@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from stickyproxy.accesslog import RequestRecord, TunnelRecord, as_json, request_line, tunnel_line
+from stickyproxy.cookietoken import CookieSigner, Verified
 from stickyproxy.errors import ProtocolError, ProxyHeaderError
 from stickyproxy.hashring import address_key, text_key
 from stickyproxy.httphead import (
@@ -148,6 +149,18 @@ def _forward_options(config: Config) -> ForwardOptions:
     )
 
 
+def _signer(config: Config) -> CookieSigner | None:
+    cookie = config.cookie
+    if not cookie.secret:
+        return None
+    return CookieSigner(
+        cookie.secret,
+        servers=[server.cookie for server in config.servers],
+        maxidle=cookie.maxidle,
+        maxlife=cookie.maxlife,
+    )
+
+
 class ProxyContext:
     """What every connection of one proxy shares: settings, servers, clock."""
 
@@ -156,6 +169,7 @@ class ProxyContext:
         self.pool = pool
         self.reactor = reactor
         self.options = _forward_options(config)
+        self.signer = _signer(config)
         self.connections: set[Frontend] = set()
         self.on_count_change: Callable[[int], None] | None = None
         # Requests waiting for a server at its maxconn (HAProxy's queues): one
@@ -169,6 +183,7 @@ class ProxyContext:
         self.config = config
         self.pool = pool
         self.options = _forward_options(config)
+        self.signer = _signer(config)
         for name in pool.servers:
             self.queues.setdefault(name, deque())
 
@@ -308,6 +323,7 @@ class Frontend:
         "_throttle",
         "_timer",
         "_timer_kind",
+        "_tokens",
         "_tunnel_server",
         "client_ip",
         "client_port",
@@ -351,6 +367,8 @@ class Frontend:
         self.proxy_info: ProxyInfo | None = None
         self.queued = False
         self._cookie_values: Sequence[str] = ()
+        # The valid signed tokens of the current request, in order.
+        self._tokens: list[Verified] = []
         # Bytes from and to the client: totals, what the counters already
         # have, and where the current request or tunnel began.
         self._in = self._out = 0
@@ -574,6 +592,11 @@ class Frontend:
         self._retries_left = ctx.config.proxy.retries
         self._exclude = set()
         values = prepare_request(head, self.client_ip, ctx.options, self.proxy_info)
+        signer = ctx.signer
+        if signer is not None:
+            # A tampered, expired or unknown token is no cookie at all.
+            self._tokens = signer.verify_all(values, self._t_request)
+            values = [token.server_cookie for token in self._tokens]
         self._cookie_values = values
         self._request_bytes = head.serialize()
         self._route(ctx.pool.choose(values, self._hash_key()))
@@ -783,7 +806,7 @@ class Frontend:
             # another response on this connection (RFC 9112 §6.3 step 8).
             close = True
         server = backend.server
-        insert = server.cookie if decision.set_cookie and server.cookie else None
+        insert = self._cookie_to_set(server, decision)
         prepare_response(
             head, self._ctx.options, insert_value=insert, close=close and status != 101
         )
@@ -799,6 +822,25 @@ class Frontend:
             # The head leaves together with the body bytes already read, in
             # one write: one segment instead of two for small responses.
             backend.start_body(framing, head.serialize())
+
+    def _cookie_to_set(self, server: Server, decision: Decision) -> str | None:
+        """The persistence-cookie value the response must carry, if any."""
+        if not server.cookie:
+            return None
+        signer = self._ctx.signer
+        if signer is None:
+            return server.cookie if decision.set_cookie else None
+        now = self._ctx.reactor.seconds()
+        if decision.set_cookie:
+            return signer.issue(server.cookie, now)
+        # A cookie hit: a stale token, or one signed by a retiring key, is
+        # reissued with the first key, keeping the date of the first pin.
+        for token in self._tokens:
+            if token.server_cookie == server.cookie:
+                if token.refresh:
+                    return signer.issue(server.cookie, now, first_seen=token.first_seen)
+                return None
+        return None
 
     def _count_response(self, server: Server, decision: Decision, status: int) -> None:
         stats = self._ctx.stats

@@ -7,7 +7,20 @@ import sys
 
 import pytest
 
-CORE = ["errors", "proxyproto", "httphead", "cookies", "hashring", "pool", "config", "rewrite"]
+CORE = [
+    "errors",
+    "proxyproto",
+    "httphead",
+    "cookies",
+    "cookietoken",
+    "hashring",
+    "pool",
+    "config",
+    "rewrite",
+    "stats",
+    "wsframes",
+    "accesslog",
+]
 
 
 @pytest.mark.parametrize("module", CORE)

@@ -568,3 +568,35 @@ def test_tunnels_are_closed_spread_over_the_window() -> None:
         h.reactor.advance(1.0)
     assert closed == [1, 2, 3, 4, 4]
     assert all(c.value().endswith(b"\x88\x02\x03\xe9") for c in clients)
+
+
+# -- signed cookies ---------------------------------------------------------------------------
+
+SIGNED = CONFIG.format(redispatch="true") + (
+    "\n[cookie]\nsecret = 3f9c1b7e5a2d48c6b0e4f17a9d2c63b58e1f04a7\n"
+)
+
+
+def test_with_a_secret_the_cookie_is_a_signed_token_that_routes() -> None:
+    h = Harness(config=SIGNED)
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+    server = h.server_of()
+    backend, _ = h.accept()
+    backend.dataReceived(ok())
+    out = h.output()
+    token = out.split(b"Set-Cookie: storify_editor_host=", 1)[1].split(b";", 1)[0]
+    assert len(token) == 44 and server.encode() not in token
+    other = "s1" if server != "s1" else "s2"
+    # The token routes; the plain server name, as a client might forge it, does not.
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host=" + token + b"\r\n\r\n")
+    backend.dataReceived(ok())
+    assert b"Set-Cookie" not in h.output()
+    client, transport = h.another_client()
+    client.dataReceived(format_v1(("203.0.113.7", 1), ("10.0.0.1", 80)))
+    client.dataReceived(
+        b"GET / HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host="
+        + other.encode()
+        + b"\r\n\r\n"
+    )
+    assert h.server_of() == server
