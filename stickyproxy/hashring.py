@@ -22,25 +22,29 @@ How the default table is built, and why:
 1. *Quotas.* Slots are shared out in exact proportion to weight (largest
    remainder), so no server starts with more than one slot above its share.
 2. *Owners.* Each slot goes to the winner of a weighted rendezvous between
-   the servers. A server's score for a slot is the position at which the slot
-   first appears in a pseudo-random stream seeded by the server's name,
-   divided by its weight. The score of a (server, slot) pair does not depend
-   on the other servers, so adding or removing a server only changes the
-   slots that server wins or owned. Streams are read in bulk, which keeps the
-   build linear in the number of slots rather than slots times servers.
+   the servers. Every server draws slots from a pseudo-random stream seeded
+   by its name, its ``k``-th draw at time ``(k + phase) / weight``; a slot
+   goes to the server that draws it first. The score of a (server, slot)
+   pair does not depend on the other servers, so adding or removing a
+   server only changes the slots that server wins or owned. The streams are
+   merged in time order with slice assignments and scanned in C, which
+   keeps the build linear in the number of slots rather than slots times
+   servers. The few slots no server drew within the horizon go by each
+   server's *late order*, a fixed permutation of the slots per server.
 3. *Balance.* Rendezvous alone leaves binomial noise (about 1/sqrt(slots per
-   server)), far too lumpy with many servers. Servers more than 1 % above
-   quota give up the slots they won by the smallest margin, each to the
-   server with the closest score that is still below its quota; then servers
-   more than 3 % below quota take slots the same way from servers above it.
-   Moving the cheapest slots first keeps most of the assignment unchanged
-   when the configuration changes.
+   server)), far too lumpy with many servers. A server above its cap gives
+   up exactly its excess, the slots it drew last (a late first draw is one
+   that later draws of other servers come close to), each to the server
+   below quota whose late order reaches the slot first; then servers below the floor are topped up
+   the same way from servers above quota. Only the moves of servers whose
+   counts a configuration change alters are affected by it.
 
-When a slot's owner is ineligible (down, draining, full, excluded) the slot's
-clients go to the eligible server with the best weighted rendezvous score
-(``ln(u) / weight``, Highest Random Weight) for that slot. That moves exactly
-the unavailable server's clients, spreads them in proportion to weight, and
-returns them exactly when the owner is eligible again.
+When a slot's owner is ineligible (down, draining, full, excluded) the key
+tries the owners of further slots derived from the key itself, then the
+slot's weighted rendezvous order (``ln(u) / weight``, Highest Random Weight).
+That moves exactly the unavailable server's clients, spreads them client by
+client in proportion to the other servers' shares of the table, and returns
+them exactly when the owner is eligible again.
 """
 
 from __future__ import annotations
@@ -52,37 +56,32 @@ import itertools
 import math
 import sys
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = [
-    "SLOTS",
-    "HAProxyRing",
-    "HashRing",
-    "Ring",
-    "address_key",
-    "full_hash",
-    "text_key",
-]
-
 #: Number of slots in the default table (16 bits of key hash).
 SLOTS = 1 << 16
 
-# A server may hold up to this fraction more than its exact quota of slots.
-# Correcting the last percent costs more slot movement on configuration
-# changes than it buys in balance: with 1,000,000 clients the sampling noise
-# of the clients themselves is already of that order at 200 servers.
-_BAND = 0.01
-# Servers below quota are only topped up to this fraction under it: a lower
-# floor costs more slot movement and does not change the busiest server.
-_FLOOR_BAND = 0.03
+# The balance band. A server may hold up to ``_CAP * sqrt(quota)`` slots above
+# its exact quota (about 1 % at 200 equal servers, 0.5 % at 50, 0.2 % at 10)
+# and down to ``_FLOOR`` of its quota below it. Both rendezvous noise and the
+# noise of real client counts are of order ``1 / sqrt(quota)``, so the cap
+# is a fixed fraction of the noise that clients add anyway. Every slot moved
+# to meet a tighter band can move again when the configuration changes, so
+# the floor is looser: a busy server costs capacity, a slightly idle one
+# does not.
+_CAP = 0.18
+_FLOOR = 0.04
 
-# Expected number of stream draws per slot read in the first pass; slots no
-# server drew yet are resolved by reading further into the streams.
+# Expected stream draws per slot merged. Slots no server drew by then (about
+# SLOTS * e**-_HORIZON of them) are decided by each server's late order.
 _HORIZON = 5.0
-_HORIZON_STEP = 3.0
 
+# A key whose owner cannot take it tries the owners of this many further
+# slots, derived from the key, before falling back to a per-slot order.
+_ALTERNATES = 16
 # How many fallback servers are cached per slot; deeper walks are computed.
 _FALLBACK_DEPTH = 8
 
@@ -164,109 +163,133 @@ def _quotas(names: Sequence[str], weights: Mapping[str, int]) -> list[int]:
     return quotas
 
 
+class _Merged:
+    """Every server's stream of slot draws, merged into one sequence in time order.
+
+    Server ``j`` of weight ``w`` makes its ``k``-th draw at time
+    ``(k + phase) / w``, so in each unit of time it makes exactly ``w`` draws,
+    at the same offsets in every unit. One unit (a *round*) therefore has a
+    fixed order of ``(server, draw)`` pairs, and the merged sequence is that
+    order repeated, filled in with one slice assignment per pair.
+
+    :param names: the servers, in name-hash order (which breaks exact ties).
+    :param weights: their weights, all positive.
+    :param rounds: how many rounds to merge.
+    """
+
+    def __init__(self, names: Sequence[str], weights: Sequence[int], rounds: int) -> None:
+        # The phase, a fraction taken from the name, keeps servers of equal
+        # weight from drawing at the same instant. Only IEEE-exact + and / are
+        # used, so every platform merges in the same order.
+        phases = [(int.from_bytes(_name_digest(n)[:4], "big") + 0.5) / 2**32 for n in names]
+        timed = sorted(((i + phases[j]) / w, j, i) for j, w in enumerate(weights) for i in range(w))
+        width = len(timed)
+        streams = [_stream(n, rounds * w) for n, w in zip(names, weights, strict=True)]
+        #: The slot of every draw, in time order.
+        self.draws = array("H", bytes(2 * width * rounds))
+        for position, (_, j, i) in enumerate(timed):
+            self.draws[position::width] = streams[j][i :: weights[j]]
+        #: The server that made each draw.
+        self.server = [j for _, j, _ in timed] * rounds
+        #: Per server: what :meth:`late_choice` needs.
+        self.late = [
+            (*_late_permutation(n), phase, w)
+            for n, phase, w in zip(names, phases, weights, strict=True)
+        ]
+
+    def late_choice(self, slot: int, among: Sequence[int]) -> int:
+        """Return the server of ``among`` whose late order reaches ``slot`` first.
+
+        Beyond the merged rounds a server's draws are modelled by a fixed
+        permutation of the slots (an odd multiplier modulo :data:`SLOTS`), so
+        a server's late rank for a slot is one multiplication rather than a
+        scan of further draws. Ranks are weighted like draw times.
+        """
+        late = self.late
+        times = [
+            ((((slot - offset) * multiplier) & (SLOTS - 1)) + phase) / w
+            for offset, multiplier, phase, w in map(late.__getitem__, among)
+        ]
+        return among[times.index(min(times))]
+
+
+def _late_permutation(name: str) -> tuple[int, int]:
+    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=4, person=b"sp-ring-late").digest()
+    return int.from_bytes(digest[:2], "big"), int.from_bytes(digest[2:], "big") | 1
+
+
 def _build_table(names: Sequence[str], weights: Mapping[str, int]) -> list[int]:
     """Assign every slot to an index into ``names`` (see the module docstring)."""
-    count = len(names)
-    total = sum(weights[n] for n in names)
+    counts = [weights[n] for n in names]
+    merged = _Merged(names, counts, max(1, math.ceil(_HORIZON * SLOTS / sum(counts))))
+    # A slot goes to the server that draws it first. The dict hands each slot
+    # out once, so the scan of the draws runs in C and only the 65,536 first
+    # draws reach Python code.
+    undrawn = dict.fromkeys(range(SLOTS), 1)
+    firsts = bytes(map(undrawn.pop, merged.draws, itertools.repeat(0)))
+    by_arrival = list(itertools.compress(merged.draws, firsts))
+    owner = [0] * SLOTS
+    for slot, j in zip(by_arrival, itertools.compress(merged.server, firsts), strict=True):
+        owner[slot] = j
+    everyone = range(len(names))
+    for slot in undrawn:
+        owner[slot] = merged.late_choice(slot, everyone)
+    held = [0] * len(names)
+    for j, n in Counter(owner).items():
+        held[j] = n
     quotas = _quotas(names, weights)
-    best_time = [math.inf] * SLOTS
-    owner = [-1] * SLOTS
-    streams: list[array[int]] = []
-    # Step 2: a server's k-th draw happens at time (k + phase) / weight, and
-    # the first draw of a slot is the server's score for it (later draws of
-    # the same slot only score worse, so they need no filtering). The phase,
-    # a fraction taken from the name, keeps servers of equal weight from
-    # tying on equal draw positions. Only IEEE-exact + * / are used here, so
-    # every platform builds the same table.
-    phases = [(int.from_bytes(_name_digest(n)[:4], "big") + 0.5) / 2**32 for n in names]
-    rates = [1.0 / weights[n] for n in names]
-    for i, name in enumerate(names):
-        stream = _stream(name, math.ceil(_HORIZON * SLOTS * weights[name] / total))
-        streams.append(stream)
-        phase, rate = phases[i], rates[i]
-        for k, slot in enumerate(stream):
-            t = (k + phase) * rate
-            if t < best_time[slot]:
-                best_time[slot] = t
-                owner[slot] = i
-    # The rare slots nobody drew yet (about SLOTS * e**-_HORIZON of them):
-    # read further into every stream. Only the positions of pending slots
-    # reach Python code; the scan itself runs in C.
-    horizon = _HORIZON
-    pending = {slot for slot in range(SLOTS) if owner[slot] < 0}
-    while pending:
-        horizon += _HORIZON_STEP
-        for i, name in enumerate(names):
-            lo = len(streams[i])
-            stream = streams[i] = _stream(name, math.ceil(horizon * SLOTS * weights[name] / total))
-            phase, rate = phases[i], rates[i]
-            for k in itertools.compress(
-                itertools.count(lo), map(pending.__contains__, stream[lo:])
-            ):
-                slot = stream[k]
-                t = (k + phase) * rate
-                if t < best_time[slot]:
-                    best_time[slot] = t
-                    owner[slot] = i
-        pending = {slot for slot in pending if owner[slot] < 0}
-    # Step 3: move the cheapest slots from servers above the band to servers
-    # below quota, then from servers above quota to servers below the band.
-    held = [0] * count
-    for i in owner:
-        held[i] += 1
-    cap = [int(q * (1 + _BAND)) for q in quotas]
-    floor = [math.ceil(q * (1 - _FLOOR_BAND)) for q in quotas]
-    moving = _Moving(owner, best_time, streams, phases, rates, held)
-    moving.rebalance(give_above=cap, take_below=quotas)
-    moving.rebalance(give_above=quotas, take_below=floor)
+    cap = [q + max(1, int(_CAP * math.sqrt(q))) for q in quotas]
+    floor = [q - int(q * _FLOOR) for q in quotas]
+    # Weakest claims first: the slots nobody drew, then the latest first draws.
+    weakest = [*undrawn, *reversed(by_arrival)]
+    balance = _Balance(merged, owner, held, weakest)
+    balance.shift(give_above=cap, take_below=quotas)
+    balance.shift(give_above=quotas, take_below=floor)
     return owner
 
 
 @dataclass(slots=True)
-class _Moving:
-    """Slot moves that correct the rendezvous assignment towards the quotas."""
+class _Balance:
+    """Slot moves that bring the rendezvous assignment into the band."""
 
+    merged: _Merged
     owner: list[int]
-    best_time: list[float]
-    streams: list[array[int]]
-    phases: list[float]
-    rates: list[float]
     held: list[int]
+    weakest: list[int]
 
-    def rebalance(self, give_above: list[int], take_below: list[int]) -> None:
-        """Move slots from servers holding more than ``give_above`` to servers below ``take_below``.
+    def shift(self, give_above: list[int], take_below: list[int]) -> None:
+        """Move slots from servers above ``give_above`` to servers below ``take_below``.
 
-        A move's cost is how much worse the receiver's rendezvous score for
-        the slot is than the current owner's; the cheapest moves go first,
-        considering only close runners-up at first and widening as needed.
+        Each server above the band gives up exactly its excess: the slots it
+        drew last, where other servers' draws come closest to its own. Each
+        given slot goes to the taker, among the servers still below the band,
+        whose late order reaches it first. Both orders are fixed per (server,
+        slot), so a configuration change alters only the moves of servers
+        whose counts it changes.
         """
-        owner, held, best_time = self.owner, self.held, self.best_time
-        ratio_limit = 1.5
-        while True:
-            giving = [h > g for h, g in zip(held, give_above, strict=True)]
-            if not any(giving) or all(h >= t for h, t in zip(held, take_below, strict=True)):
-                return
-            moves: list[tuple[float, int, int]] = []
-            for j, stream in enumerate(self.streams):
-                if held[j] >= take_below[j]:
-                    continue
-                phase, rate = self.phases[j], self.rates[j]
-                for k, slot in enumerate(stream):
-                    if giving[owner[slot]]:
-                        cost = (k + phase) * rate / best_time[slot]
-                        if cost < ratio_limit:
-                            moves.append((cost, slot, j))
-            moves.sort()
-            for cost, slot, j in moves:
-                i = owner[slot]
-                if held[i] > give_above[i] and held[j] < take_below[j]:
-                    owner[slot] = j
-                    best_time[slot] *= cost
-                    held[i] -= 1
-                    held[j] += 1
-            if ratio_limit == math.inf:
-                return
-            ratio_limit = ratio_limit * 4 if ratio_limit < 100 else math.inf
+        owner, held = self.owner, self.held
+        need = [max(0, t - h) for t, h in zip(take_below, held, strict=True)]
+        excess = [max(0, h - g) for h, g in zip(held, give_above, strict=True)]
+        offered = sum(excess)
+        takers = [j for j, n in enumerate(need) if n]
+        if not offered or not takers:
+            return
+        for slot in self.weakest:
+            giver = owner[slot]
+            if excess[giver]:
+                excess[giver] -= 1
+                taker = self.merged.late_choice(slot, takers)
+                owner[slot] = taker
+                held[giver] -= 1
+                held[taker] += 1
+                need[taker] -= 1
+                if not need[taker]:
+                    takers.remove(taker)
+                    if not takers:
+                        return
+                offered -= 1
+                if not offered:
+                    return
 
 
 def _hrw_score(prefix: hashlib.blake2b, slot: bytes, weight: int) -> float:
@@ -283,7 +306,7 @@ def _copy_update(prefix: hashlib.blake2b, data: bytes) -> bytes:
 
 
 class HashRing:
-    """The default ring: a weighted slot table with rendezvous fallback.
+    """The default ring: a weighted slot table with a per-key fallback order.
 
     :param weights: server name → weight. Servers of weight 0 own no slots and
         are never returned by :meth:`lookup`; they come last in
@@ -334,18 +357,43 @@ class HashRing:
         owner = self._table[slot]
         if eligible(owner) and (skip is None or not skip(owner)):
             return owner
-        for name in self._slot_order(slot):
+        for name in self._others(key, slot, owner):
             if eligible(name) and (skip is None or not skip(name)):
                 return name
         return None
 
     def sequence(self, key: bytes) -> Iterator[str]:
-        """Yield the slot's owner, then the others by rendezvous score, then weight-0 servers."""
+        """Yield the slot's owner, then :meth:`lookup`'s fallback order, then weight-0 servers."""
         if self._table:
             slot = self.slot(key)
-            yield self._table[slot]
-            yield from self._slot_order(slot)
+            owner = self._table[slot]
+            yield owner
+            yield from self._others(key, slot, owner)
         yield from self._idle
+
+    def _others(self, key: bytes, slot: int, owner: str) -> Iterator[str]:
+        """Yield every server but ``owner`` once, in ``key``'s fallback order.
+
+        First come the owners of further slots picked by the key itself: each
+        key of an unavailable server lands on its own random slot, so the
+        displaced clients spread over the other servers in proportion to
+        their shares of the table, client by client rather than slot by slot.
+        The servers still missing follow in the slot's rendezvous order.
+        """
+        seen = {owner}
+        table = self._table
+        alternates = hashlib.blake2b(
+            key, digest_size=2 * _ALTERNATES, person=b"sp-ring-alt"
+        ).digest()
+        for i in range(0, 2 * _ALTERNATES, 2):
+            name = table[int.from_bytes(alternates[i : i + 2])]
+            if name not in seen:
+                seen.add(name)
+                yield name
+        for name in self._slot_order(slot):
+            if name not in seen:
+                seen.add(name)
+                yield name
 
     def _slot_order(self, slot: int) -> Iterator[str]:
         """Yield the non-owners of ``slot`` by decreasing rendezvous score."""
