@@ -153,6 +153,9 @@ class AdminControl(Protocol):
         """Send the WebSockets of ``name`` a Close frame (1001), spread over
         ``spread`` seconds; return how many."""
 
+    def set_weight(self, name: str, weight: int) -> Transition | None:
+        """Set a server's weight (0-256); return the state change it caused."""
+
 
 class _Sessions(Protocol):
     def shutdown_sessions(self, server_name: str) -> int: ...
@@ -195,6 +198,9 @@ class ProxyControl:
         if name not in self.proxy.pool.servers:
             raise KeyError(name)
         return self.proxy.context.go_away(spread, name)
+
+    def set_weight(self, name: str, weight: int) -> Transition | None:
+        return self.proxy.pool.set_weight(name, weight, self.proxy.reactor.seconds())
 
 
 # -- numbers for people ----------------------------------------------------------------------
@@ -653,8 +659,10 @@ class ServerControl(Resource):
 
     def render(self, request: Request) -> bytes:
         path = [segment.decode("utf-8", "replace") for segment in request.postpath or []]
-        if len(path) != 2 or path[1] not in ("state", "shutdown-sessions"):
-            return _json(request, 404, {"error": "use /servers/NAME/state or /shutdown-sessions"})
+        if len(path) != 2 or path[1] not in ("state", "weight", "shutdown-sessions"):
+            return _json(
+                request, 404, {"error": "use /servers/NAME/state, /weight or /shutdown-sessions"}
+            )
         if request.method != b"POST":
             request.setHeader(b"Allow", b"POST")
             return _json(request, 405, {"error": "use POST"})
@@ -672,6 +680,8 @@ class ServerControl(Resource):
         try:
             if action == "state":
                 return _set_state(control, request, name, who)
+            if action == "weight":
+                return _set_weight(control, request, name, who)
             if spread is not None:
                 # A drain's last step: WebSockets told to go away (1001),
                 # spread out so their clients do not reconnect all at once.
@@ -709,6 +719,21 @@ class ServerControl(Resource):
         if forged is not None:
             return 403, forged
         return None
+
+
+def _set_weight(control: AdminControl, request: Request, name: str, who: str) -> bytes:
+    text = _argument(request, "weight") or ""
+    if not text.isdigit() or int(text) > 256:
+        return _json(request, 400, {"error": "weight must be a whole number from 0 to 256"})
+    weight = int(text)
+    transition = control.set_weight(name, weight)
+    log.info(
+        "admin: {who} set the weight of {server} to {weight}", who=who, server=name, weight=weight
+    )
+    body: dict[str, Any] = {"server": name, "weight": weight}
+    if transition is not None:
+        body["transition"] = {"old": transition.old.value, "new": transition.new.value}
+    return _json(request, 200, body)
 
 
 def _set_state(control: AdminControl, request: Request, name: str, who: str) -> bytes:

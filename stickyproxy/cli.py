@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     state = actions.add_parser("state", help="set a server's administrative state")
     state.add_argument("name", metavar="NAME", help="server name")
     state.add_argument("state", choices=("ready", "drain", "maint"), help="the new state")
+    weight = actions.add_parser("weight", help="set a server's weight (0 drains it)")
+    weight.add_argument("name", metavar="NAME", help="server name")
+    weight.add_argument("weight", type=int, help="the new weight, 0 to 256")
     shutdown = actions.add_parser(
         "shutdown-sessions", help="close every client connection of a server"
     )
@@ -317,6 +320,7 @@ def ctl(
     *,
     name: str | None = None,
     state: str | None = None,
+    weight: int | None = None,
     spread: str | None = None,
     token: str | None = None,
     timeout: float = 10.0,
@@ -351,6 +355,14 @@ def ctl(
                 print(f"{name}: {change['old']} -> {change['new']}", file=out)
             else:
                 print(f"{name}: {state} (state unchanged)", file=out)
+            return 0
+        if action == "weight":
+            if weight is None:
+                raise ValueError("weight needs a number")
+            answer = _admin_request(
+                admin, f"{path}/weight", form={"weight": str(weight)}, token=token, timeout=timeout
+            )
+            print(f"{name}: weight {answer['weight']}", file=out)
             return 0
         if action == "shutdown-sessions":
             form = {} if spread is None else {"spread": spread}
@@ -399,6 +411,7 @@ def main(
             args.action,
             name=getattr(args, "name", None),
             state=getattr(args, "state", None),
+            weight=getattr(args, "weight", None),
             spread=getattr(args, "spread", None),
             token=args.token,
             timeout=args.timeout,

@@ -78,6 +78,8 @@ class Server:
     check_failures: int = 0
     observed_failures: int = 0
     transitions: int = 0
+    #: A weight set at run time (HAProxy's ``set server weight``), or None.
+    weight_override: int | None = None
 
     @property
     def name(self) -> str:
@@ -93,7 +95,8 @@ class Server:
 
     @property
     def weight(self) -> int:
-        return self.config.weight
+        override = self.weight_override
+        return self.config.weight if override is None else override
 
     @property
     def operational(self) -> bool:
@@ -198,12 +201,34 @@ class Pool:
                 self._by_cookie.setdefault(config.cookie, server)
         self.health_config = health
         self._balance_factor = balance.hash_balance_factor
-        self.ring: Ring
-        if balance.hash_function == "haproxy":
-            self.ring = HAProxyRing([(s.name, i + 1, s.weight) for i, s in enumerate(servers)])
-        else:
-            self.ring = HashRing({s.name: s.weight for s in servers})
+        self._hash_function = balance.hash_function
+        self.ring: Ring = self._build_ring()
         self._listeners: list[Callable[[Transition], None]] = []
+
+    def _build_ring(self) -> Ring:
+        servers = list(self.servers.values())
+        if self._hash_function == "haproxy":
+            return HAProxyRing([(s.name, i + 1, s.weight) for i, s in enumerate(servers)])
+        return HashRing({s.name: s.weight for s in servers})
+
+    def set_weight(self, name: str, weight: int, now: float | None = None) -> Transition | None:
+        """Change a server's weight at run time (HAProxy's ``set server weight``).
+
+        The ring is rebuilt, so clients without a cookie move as they would
+        after the same change in the configuration; pinned clients stay.
+        Weight 0 drains the server.
+
+        :raises KeyError: for an unknown server; ValueError outside 0..256.
+        """
+        server = self.servers[name]
+        if not 0 <= weight <= 256:
+            raise ValueError("a weight is between 0 and 256")
+        if weight == server.weight:
+            return None
+        old = server.state
+        server.weight_override = weight
+        self.ring = self._build_ring()
+        return self._changed(server, old, f"weight set to {weight}", now)
 
     # -- routing --------------------------------------------------------------
 

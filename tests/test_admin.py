@@ -111,6 +111,10 @@ class Control:
             raise KeyError(name)
         return self.closed
 
+    def set_weight(self, name: str, weight: int) -> Transition | None:
+        self.calls.append(("set_weight", name, str(weight)))
+        return self.pool.set_weight(name, weight, NOW)
+
     def close_tunnels(self, name: str, spread: float) -> int:
         self.calls.append(("close_tunnels", name, str(spread)))
         if name not in self.pool.servers:
@@ -425,7 +429,7 @@ def test_shutdown_sessions_answers_how_many_were_closed(proxy: FakeProxy) -> Non
         ("POST", "/servers/nope/shutdown-sessions", 404),
         ("POST", "/servers/s1/state?state=down", 400),
         ("POST", "/servers/s1/state", 400),
-        ("POST", "/servers/s1/weight?weight=5", 404),
+        ("POST", "/servers/s1/speed?value=5", 404),
         ("POST", "/servers/s1", 404),
         ("GET", "/servers/s1/state?state=drain", 405),
     ],
@@ -687,3 +691,15 @@ def test_shutdown_sessions_with_spread_closes_websockets_gracefully(proxy: FakeP
     assert control.calls == [("close_tunnels", "s1", "30.0")]
     bad = fetch(site, "POST", "/servers/s1/shutdown-sessions?spread=soon", local=local)
     assert bad.status == 400
+
+
+def test_a_weight_change_rebuilds_the_ring_and_weight_0_drains(proxy: FakeProxy) -> None:
+    local = IPv4Address("TCP", "127.0.0.1", 9000)
+    control = Control(proxy.pool)
+    site = make_site(proxy, control)
+    response = fetch(site, "POST", "/servers/s1/weight?weight=0", local=local)
+    assert response.status == 200
+    assert response.json()["transition"] == {"old": "UP", "new": "DRAIN"}
+    assert proxy.pool.servers["s1"].weight == 0
+    assert fetch(site, "POST", "/servers/s1/weight?weight=300", local=local).status == 400
+    assert fetch(site, "POST", "/servers/nope/weight?weight=5", local=local).status == 404

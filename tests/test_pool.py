@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from functools import cache
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -487,3 +488,26 @@ def test_hashed_clients_spread_by_weight() -> None:
     counts = Counter(pool.choose([], k).server.name for k in keys(14_000))  # type: ignore[union-attr]
     for name, weight in (("s1", 1), ("s2", 2), ("s3", 4)):
         assert counts[name] == pytest.approx(2_000 * weight, rel=0.06)
+
+
+def test_set_weight_moves_clients_like_a_configuration_change() -> None:
+    from stickyproxy.config import parse_config
+    from stickyproxy.hashring import address_key
+
+    text = "".join(f"[server s{i}]\naddress = 10.0.0.{i}:80\n" for i in range(1, 5))
+    pool = Pool(*_parts(parse_config(text)))
+    keys = [address_key(f"198.51.{i // 250}.{i % 250}") for i in range(2000)]
+    before = {k: pool.choose([], k).server.name for k in keys}  # type: ignore[union-attr]
+    pool.set_weight("s2", 30)
+    after = {k: pool.choose([], k).server.name for k in keys}  # type: ignore[union-attr]
+    gained = sum(1 for k in keys if after[k] == "s2") - sum(1 for k in keys if before[k] == "s2")
+    assert gained > 300
+    assert all(after[k] == "s2" for k in keys if before[k] == "s2")
+    expected = Pool(
+        *_parts(parse_config(text.replace("10.0.0.2:80\n", "10.0.0.2:80\nweight = 30\n")))
+    )
+    assert after == {k: expected.choose([], k).server.name for k in keys}  # type: ignore[union-attr]
+
+
+def _parts(config: Any) -> tuple[Any, Any, Any]:
+    return config.servers, config.health, config.balance
