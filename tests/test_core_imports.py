@@ -20,6 +20,9 @@ CORE = [
     "stats",
     "wsframes",
     "accesslog",
+    "engineio",
+    "eiopayload",
+    "sidtable",
 ]
 
 
