@@ -200,7 +200,13 @@ def test_the_endpoint_and_token_can_come_from_the_environment(
 
 @pytest.mark.parametrize(
     "argv",
-    [[], ["state", "s1"], ["state", "s1", "down"], ["shutdown-sessions"], ["weight", "s1", "heavy"]],
+    [
+        [],
+        ["state", "s1"],
+        ["state", "s1", "down"],
+        ["shutdown-sessions"],
+        ["weight", "s1", "heavy"],
+    ],
 )
 def test_usage_errors_exit_2_without_a_request(admin: FakeAdmin, argv: list[str]) -> None:
     assert run("--admin", admin.url, *argv)[0] == 2

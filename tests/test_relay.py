@@ -592,7 +592,7 @@ def test_with_a_secret_the_cookie_is_a_signed_token_that_routes() -> None:
     h.send(b"GET / HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host=" + token + b"\r\n\r\n")
     backend.dataReceived(ok())
     assert b"Set-Cookie" not in h.output()
-    client, transport = h.another_client()
+    client, _ = h.another_client()
     client.dataReceived(format_v1(("203.0.113.7", 1), ("10.0.0.1", 80)))
     client.dataReceived(
         b"GET / HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host="
