@@ -48,6 +48,8 @@ key                              default            meaning
                                                     ``X-Proxy-Authority``/``X-Unique-ID``
 ``[proxy] max_head_size``        ``15360``          *added*: largest request head (size)
 ``[proxy] max_headers``          ``100``            *added*: most header lines in a request head
+``[proxy] workers``              ``1``              *added*: processes sharing the listeners,
+                                                    1 to 64 (see stickyproxy.workers)
 ``[cookie] name``                ``storify_...``    persistence cookie name (an RFC 6265 token);
                                                     default ``storify_editor_host``
 ``[cookie] mode``                ``insert``         only ``insert`` for now
@@ -166,6 +168,7 @@ class ProxyConfig:
     access_log: Literal["httplog", "json", "off"] = "off"
     max_head_size: int = 15360
     max_headers: int = 100
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -773,6 +776,7 @@ _SECTIONS: dict[str, _Parsers] = {
         "access_log": _choice("httplog", "json", "off"),
         "max_head_size": _positive_size,
         "max_headers": _integer(1),
+        "workers": _integer(1, 64),
     },
     "cookie": {
         "name": _cookie_name,

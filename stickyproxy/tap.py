@@ -32,6 +32,7 @@ class Options(usage.Options):
             raise usage.UsageError("a configuration file is required: -c FILE")
         try:
             self.loaded = load_config(path)
+            _check_workers(self.loaded, path)
         except ConfigError as e:
             if self["check"]:
                 for problem in e.problems:
@@ -43,9 +44,32 @@ class Options(usage.Options):
             raise SystemExit(0)
 
 
+def _check_workers(config: Config, path: str) -> None:
+    """Endpoints that several workers cannot share are configuration problems."""
+    if config.proxy.workers > 1:
+        from stickyproxy.workers import worker_problems
+
+        problems = worker_problems(config, config.proxy.workers)
+        if problems:
+            raise ConfigError(problems, path)
+
+
 def makeService(options: Options) -> IService:
-    """Build the proxy service on the reactor twistd installed."""
+    """Build the proxy service on the reactor twistd installed.
+
+    With ``[proxy] workers`` above 1 this process becomes the master of that
+    many worker processes sharing its listening sockets.
+    """
     from twisted.internet import reactor
+
+    workers = options.loaded.proxy.workers
+    if workers > 1:
+        from stickyproxy.workers import WorkerMaster
+
+        master: Any = WorkerMaster(
+            options["config"], reactor, workers=workers, ready_file=options["ready-file"]
+        )
+        return master  # type: ignore[no-any-return]
 
     from stickyproxy.service import StickyProxyService
 

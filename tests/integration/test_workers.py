@@ -11,7 +11,9 @@ import json
 import os
 import signal
 import socket
+import struct
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -278,3 +280,53 @@ def test_a_port_that_cannot_be_bound_fails_the_start(tmp_path: Path, launch: Lau
         assert proc.popen.wait(timeout=WAIT) == 1
     assert "Address already in use" in proc.output()
     assert "started (pid" not in proc.output()
+
+
+def test_only_the_master_talks_to_systemd_and_only_once_all_workers_serve(
+    workers: Any, launch: Launcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = launch.backend("s1")
+    with tempfile.TemporaryDirectory(prefix="sd-") as directory:
+        # Like systemd, ask the kernel who sent each datagram (NotifyAccess=main).
+        manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        manager.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        manager.bind(f"{directory}/notify")
+        manager.settimeout(WAIT)
+        monkeypatch.setenv("NOTIFY_SOCKET", f"{directory}/notify")
+
+        def receive() -> tuple[int, str]:
+            data, ancillary, _, _ = manager.recvmsg(4096, socket.CMSG_SPACE(12))
+            pid = next(
+                struct.unpack("3i", value[:12])[0]
+                for level, kind, value in ancillary
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+            )
+            return pid, data.decode()
+
+        with manager:
+            master = workers(plain([backend]))
+            pid, text = receive()
+            assert pid == master.proc.pid
+            assert text.startswith("READY=1\nSTATUS=3/3 workers serving; listening on 127.0.0.1:")
+            os.kill(master.proc.pid, signal.SIGHUP)
+            pid, reloading = receive()
+            assert pid == master.proc.pid and reloading.startswith("RELOADING=1\n")
+            assert receive() == (master.proc.pid, text)
+            master.proc.popen.send_signal(signal.SIGTERM)
+            assert receive() == (master.proc.pid, "STOPPING=1\nSTATUS=draining connections")
+            assert master.proc.popen.wait(timeout=WAIT) == 0
+            manager.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                manager.recv(4096)
+
+
+def test_twistd_with_workers_in_the_configuration_runs_a_master(launch: Launcher) -> None:
+    backends = launch.backends(["s1", "s2"])
+    proxy = launch.stickyproxy(plain(backends, proxy={"workers": "2"}))
+    ready = json.loads(next(Path(proxy.log_path).parent.glob("stickyproxy-*.ready")).read_text())
+    assert len(ready["workers"]) == 2
+    assert http_get(proxy.port, "/whoami", cookie=f"{COOKIE}=s2").body == b"s2"
+    proxy.proc.popen.send_signal(signal.SIGTERM)
+    assert proxy.proc.popen.wait(timeout=WAIT + 10) in (0, -signal.SIGTERM)
+    for worker in ready["workers"]:
+        wait_until(lambda pid=worker["pid"]: _gone(pid), f"worker {worker['pid']} to exit")
