@@ -107,10 +107,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from stickyproxy.config import parse_duration
 from stickyproxy.pool import Admin, Pool, Transition
@@ -155,6 +156,9 @@ class AdminControl(Protocol):
 
     def set_weight(self, name: str, weight: int) -> Transition | None:
         """Set a server's weight (0-256); return the state change it caused."""
+
+    def reload(self) -> Deferred[bool] | None:
+        """Re-read the configuration file; None when there is no file to read."""
 
 
 class _Sessions(Protocol):
@@ -201,6 +205,10 @@ class ProxyControl:
 
     def set_weight(self, name: str, weight: int) -> Transition | None:
         return self.proxy.pool.set_weight(name, weight, self.proxy.reactor.seconds())
+
+    def reload(self) -> Deferred[bool] | None:
+        reloader = getattr(self.proxy, "reloader", None)
+        return None if reloader is None else reloader()
 
 
 # -- numbers for people ----------------------------------------------------------------------
@@ -721,6 +729,38 @@ class ServerControl(Resource):
         return None
 
 
+class ReloadControl(ServerControl):
+    """``POST /reload``: re-read the configuration file, as SIGHUP does."""
+
+    def render(self, request: Request) -> bytes:  # NOT_DONE_YET is an int, as twisted.web allows
+        if request.postpath not in ([], [b""]):
+            return _json(request, 404, {"error": "use POST /reload"})
+        if request.method != b"POST":
+            request.setHeader(b"Allow", b"POST")
+            return _json(request, 405, {"error": "use POST"})
+        who = requester(request)
+        refusal = self._refusal(request)
+        if refusal is not None:
+            code, reason = refusal
+            log.warn("admin: refused {who}: {reason}", who=who, reason=reason)
+            return _json(request, code, {"error": reason})
+        d = None if self.control is None else self.control.reload()
+        if d is None:
+            return _json(request, 501, {"error": "this proxy has no configuration file to re-read"})
+        log.info("admin: {who} asked for a reload", who=who)
+
+        def answer(reloaded: bool) -> None:
+            code = 200 if reloaded else 409
+            body: dict[str, object] = {"reloaded": reloaded}
+            if not reloaded:
+                body["error"] = "the configuration has problems; see the log"
+            request.write(_json(request, code, body))
+            request.finish()
+
+        d.addCallback(answer)
+        return NOT_DONE_YET  # type: ignore[return-value]
+
+
 def _set_weight(control: AdminControl, request: Request, name: str, who: str) -> bytes:
     text = _argument(request, "weight") or ""
     if not text.isdigit() or int(text) > 256:
@@ -788,6 +828,7 @@ def admin_site(
     root.putChild(b"metrics", MetricsPage(snapshot))
     current_token = token if callable(token) else lambda: token
     root.putChild(b"servers", ServerControl(control, current_token))
+    root.putChild(b"reload", ReloadControl(control, current_token))
     site = Site(root, reactor=reactor)
     site.noisy = False
     return site

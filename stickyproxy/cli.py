@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     actions = ctl_parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     actions.add_parser("status", help="print the servers' states and traffic")
+    actions.add_parser("reload", help="re-read the configuration file (as SIGHUP)")
     state = actions.add_parser("state", help="set a server's administrative state")
     state.add_argument("name", metavar="NAME", help="server name")
     state.add_argument("state", choices=("ready", "drain", "maint"), help="the new state")
@@ -340,6 +341,10 @@ def ctl(
             data = _admin_request(admin, "/stats.json", form=None, token=token, timeout=timeout)
             for line in _status_table(data):
                 print(line, file=out)
+            return 0
+        if action == "reload":
+            answer = _admin_request(admin, "/reload", form={}, token=token, timeout=timeout)
+            print("reloaded" if answer.get("reloaded") else "reload refused", file=out)
             return 0
         if name is None:
             raise ValueError(f"{action} needs a server name")

@@ -59,6 +59,9 @@ class StickyProxy:
         self._admin_description: str | None = None
         self._demo_ports: list[Any] = []
         self._accepting = True
+        #: Re-reads the configuration and applies it (the admin endpoint's
+        #: ``POST /reload``); set by whoever knows where it came from.
+        self.reloader: Callable[[], Deferred[bool]] | None = None
 
     @staticmethod
     def _new_pool(config: Config) -> Pool:
@@ -294,6 +297,8 @@ class StickyProxyService(Service):
         self.reactor = reactor
         self.ready_file = ready_file
         self.config_path = config_path
+        if config_path is not None:
+            self.proxy.reloader = self.reload
         self._bound = False
         self._watchdog: LoopingCall | None = None
 

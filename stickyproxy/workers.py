@@ -552,6 +552,8 @@ class _MasterLink(Protocol):
 
         sockets = [*self.plan.listen, *([self.plan.admin] if self.plan.admin else [])]
         self.proxy = StickyProxy(config, InheritingReactor(self.reactor, sockets))
+        # The admin endpoint's reload goes to the master, which reloads everyone.
+        self.proxy.reloader = _ask_master_to_reload
         d = self.proxy.start()
         d.addCallbacks(self._started, self._start_failed)
 
@@ -581,6 +583,11 @@ class _MasterLink(Protocol):
         if not self.stopping:
             log.warn("worker {index}: the master is gone; stopping", index=self.plan.index)
             self.stop()
+
+
+def _ask_master_to_reload() -> Deferred[bool]:
+    os.kill(os.getppid(), signal.SIGHUP)
+    return succeed(True)
 
 
 def run_worker(plan: WorkerPlan, reactor: Any = None) -> int:

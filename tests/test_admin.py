@@ -24,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -110,6 +111,10 @@ class Control:
         if name not in self.pool.servers:
             raise KeyError(name)
         return self.closed
+
+    def reload(self) -> Deferred[bool] | None:
+        self.calls.append(("reload",))
+        return succeed(True)
 
     def set_weight(self, name: str, weight: int) -> Transition | None:
         self.calls.append(("set_weight", name, str(weight)))
@@ -703,3 +708,13 @@ def test_a_weight_change_rebuilds_the_ring_and_weight_0_drains(proxy: FakeProxy)
     assert proxy.pool.servers["s1"].weight == 0
     assert fetch(site, "POST", "/servers/s1/weight?weight=300", local=local).status == 400
     assert fetch(site, "POST", "/servers/nope/weight?weight=5", local=local).status == 404
+
+
+def test_post_reload_rereads_the_configuration(proxy: FakeProxy) -> None:
+    local = IPv4Address("TCP", "127.0.0.1", 9000)
+    control = Control(proxy.pool)
+    response = fetch(make_site(proxy, control), "POST", "/reload", local=local)
+    assert response.status == 200 and response.json() == {"reloaded": True}
+    assert control.calls == [("reload",)]
+    refused = fetch(make_site(proxy, control, token=TOKEN), "POST", "/reload", local=local)
+    assert refused.status == 401

@@ -135,3 +135,30 @@ def test_a_reload_changes_routing_for_new_requests(launch: Launcher) -> None:
     config_file(proxy).write_text(proxy_config(backends, proxy={"proxy_protocol": "off"}))
     reload(proxy)
     assert http_get(proxy.port, "/whoami", cookie=f"{COOKIE}=s2").body == b"s2"
+
+
+def test_the_admin_reload_command_reloads(launch: Launcher) -> None:
+    import subprocess
+    import sys
+
+    backends = launch.backends(["s1", "s2"])
+    proxy = launch.stickyproxy(proxy_config(backends[:1], proxy={"proxy_protocol": "off"}))
+    config_file(proxy).write_text(proxy_config(backends, proxy={"proxy_protocol": "off"}))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stickyproxy",
+            "ctl",
+            "--admin",
+            f"127.0.0.1:{proxy.admin_port}",
+            "reload",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "reloaded\n"
+    assert server_names(proxy) == ["s1", "s2"]
