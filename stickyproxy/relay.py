@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -248,6 +248,8 @@ class ProxyContext:
             self.on_count_change(len(self.connections))
 
 
+_NOBODY: frozenset[str] = frozenset()
+
 # Frontend states.
 _PROXY = 0  # waiting for the PROXY header
 _IDLE = 1  # waiting for the first byte of a request head
@@ -360,7 +362,7 @@ class Frontend:
         self._client_eof = False
         self._server_eof = False
         self._retries_left = 0
-        self._exclude: set[str] = set()
+        self._exclude: Collection[str] = _NOBODY
         self._reused = False
         self.client_ip = ""
         self.client_port = 0
@@ -590,7 +592,7 @@ class Frontend:
         self._request_done = body is None or body.done
         self._pending = rest
         self._retries_left = ctx.config.proxy.retries
-        self._exclude = set()
+        self._exclude = _NOBODY
         values = prepare_request(head, self.client_ip, ctx.options, self.proxy_info)
         signer = ctx.signer
         if signer is not None:
@@ -714,7 +716,7 @@ class Frontend:
             self._ctx.reactor.callLater(min(cfg.timeout_connect, 1.0), self._retry, server)
             return
         if cfg.redispatch:
-            self._exclude.add(server.name)
+            self._exclude = {*self._exclude, server.name}
             decision = self._ctx.pool.redispatch(self._hash_key(), self._exclude)
             if decision.server is not None:
                 self._route(decision)
@@ -1278,6 +1280,15 @@ class Backend:
         """Send the response ``head`` and stream the body that follows."""
         assert self._parser is not None
         rest = self._parser.take_rest()
+        length = framing.length
+        if framing.kind == "length" and len(rest) >= length:
+            # The whole body came with the head (the common small response):
+            # no reader needed. Bytes beyond it mean a confused server.
+            if len(rest) > length:
+                self._reusable = False
+            self._send(head + rest[:length])
+            self._finish()
+            return
         body = BodyReader(framing, error_status=502)
         if body.done:
             if rest:
