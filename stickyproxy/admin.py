@@ -671,15 +671,10 @@ class ServerControl(Resource):
             return _json(
                 request, 404, {"error": "use /servers/NAME/state, /weight or /shutdown-sessions"}
             )
-        if request.method != b"POST":
-            request.setHeader(b"Allow", b"POST")
-            return _json(request, 405, {"error": "use POST"})
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
         who = requester(request)
-        refusal = self._refusal(request)
-        if refusal is not None:
-            code, reason = refusal
-            log.warn("admin: refused {who}: {reason}", who=who, reason=reason)
-            return _json(request, code, {"error": reason})
         control = self.control
         if control is None:
             return _json(request, 501, {"error": "this endpoint has no runtime control"})
@@ -710,6 +705,18 @@ class ServerControl(Resource):
         )
         return _json(request, 200, {"server": name, "closed": closed})
 
+    def _gate(self, request: Request) -> bytes | None:
+        """The answer to a request that may not change anything, or None."""
+        if request.method != b"POST":
+            request.setHeader(b"Allow", b"POST")
+            return _json(request, 405, {"error": "use POST"})
+        refusal = self._refusal(request)
+        if refusal is None:
+            return None
+        code, reason = refusal
+        log.warn("admin: refused {who}: {reason}", who=requester(request), reason=reason)
+        return _json(request, code, {"error": reason})
+
     def _refusal(self, request: Request) -> tuple[int, str] | None:
         token = self.token()
         if token is not None:
@@ -735,15 +742,10 @@ class ReloadControl(ServerControl):
     def render(self, request: Request) -> bytes:  # NOT_DONE_YET is an int, as twisted.web allows
         if request.postpath not in ([], [b""]):
             return _json(request, 404, {"error": "use POST /reload"})
-        if request.method != b"POST":
-            request.setHeader(b"Allow", b"POST")
-            return _json(request, 405, {"error": "use POST"})
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
         who = requester(request)
-        refusal = self._refusal(request)
-        if refusal is not None:
-            code, reason = refusal
-            log.warn("admin: refused {who}: {reason}", who=who, reason=reason)
-            return _json(request, code, {"error": reason})
         d = None if self.control is None else self.control.reload()
         if d is None:
             return _json(request, 501, {"error": "this proxy has no configuration file to re-read"})

@@ -139,6 +139,7 @@ __all__ = [
     "parse_config",
     "parse_duration",
     "parse_size",
+    "read_config",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -1151,6 +1152,14 @@ def load_config(path: str) -> Config:
 
     :raises ConfigError: when the file cannot be read or decoded, or is invalid.
     """
+    return read_config(path)[1]
+
+
+def read_config(path: str) -> tuple[str, Config]:
+    """Read and parse the file at ``path``: its text and what it means.
+
+    :raises ConfigError: when the file cannot be read or decoded, or is invalid.
+    """
     try:
         with open(path, encoding="utf-8") as stream:
             text = stream.read()
@@ -1159,4 +1168,4 @@ def load_config(path: str) -> Config:
         raise ConfigError(
             [ConfigProblem("file", None, f"cannot read {path}: {reason}")], path
         ) from exc
-    return parse_config(text, source=path)
+    return text, parse_config(text, source=path)

@@ -76,7 +76,7 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
 from stickyproxy import systemd
-from stickyproxy.config import Config, parse_config
+from stickyproxy.config import Config, parse_config, read_config
 from stickyproxy.errors import ConfigError, ConfigProblem
 
 __all__ = [
@@ -385,25 +385,6 @@ def worker_config(config: Config, plan: WorkerPlan) -> Config:
     admin = replace(config.admin, listen=None if plan.admin is None else plan.admin.description)
     demo = replace(config.demo, backends=False)
     return replace(config, proxy=proxy, admin=admin, demo=demo)
-
-
-def read_config(path: str) -> tuple[str, Config]:
-    """Read and validate the file at ``path``: its text and what it means.
-
-    The master sends the text it validated to the workers, rather than
-    letting each read the file, so that all of them run the same one.
-
-    :raises ConfigError: when the file cannot be read or decoded, or is invalid.
-    """
-    try:
-        with open(path, encoding="utf-8") as stream:
-            text = stream.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(
-            [ConfigProblem("file", None, f"cannot read {path}: {reason}")], path
-        ) from exc
-    return text, parse_config(text, source=path)
 
 
 def encode_message(message: Mapping[str, Any]) -> bytes:
