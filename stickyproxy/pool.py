@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from stickyproxy.config import BalanceConfig, HealthConfig, ServerConfig
@@ -80,14 +80,14 @@ class Server:
     transitions: int = 0
     #: A weight set at run time (HAProxy's ``set server weight``), or None.
     weight_override: int | None = None
+    # Copies of the configuration's, read on every request: plain attributes
+    # cost less than properties.
+    name: str = field(init=False)
+    cookie: str = field(init=False)
 
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def cookie(self) -> str:
-        return self.config.cookie
+    def __post_init__(self) -> None:
+        self.name = self.config.name
+        self.cookie = self.config.cookie
 
     @property
     def address(self) -> tuple[str, int]:
