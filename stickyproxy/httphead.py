@@ -74,6 +74,9 @@ _TCHAR: Final = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijk
 #: Bytes allowed anywhere in a head: VCHAR, obs-text, SP, HTAB (RFC 9110 §5.5)
 #: plus CR and LF, whose pairing is checked separately.
 _HEAD_OK: Final = bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100)) + b"\t\r\n"
+#: The same without CR and LF: deleting these from a valid head leaves one
+#: CRLF per line break and nothing else.
+_LINE_OK: Final = _HEAD_OK[:-2]
 #: Bytes allowed in a request-target: visible ASCII except "#" (a fragment is
 #: never sent, RFC 9110 §4.2.4). Stricter than RFC 3986 would need ("{", "|",
 #: quotes are tolerated as browsers send them) but no SP, CTL or byte >= 0x80.
@@ -92,7 +95,6 @@ _AUTHORITY_FORM_RE: Final = re.compile(_HOST + rb":[0-9]+")
 _ABSOLUTE_FORM_RE: Final = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?@]+)(?:[/?].*)?", re.DOTALL)
 _VERSION_RE: Final = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _STATUS_LINE_RE: Final = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: (.*))?", re.DOTALL)
-_CONTENT_LENGTH_RE: Final = re.compile(rb"[0-9]{1,15}")
 # RFC 9112 §7.1: chunk-size [ chunk-ext ] CRLF, with
 # chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] ).
 _CHUNK_LINE_RE: Final = re.compile(
@@ -122,6 +124,62 @@ _REQUEST_WATCH: Final = frozenset(
     )
 )
 _RESPONSE_WATCH: Final = frozenset((b"connection",))
+#: Methods valid without checking them byte by byte (RFC 9110 §9.1 plus PATCH).
+_COMMON_METHODS: Final = frozenset(
+    (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH")
+)
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+
+#: Field names already validated as tokens, mapped to their lower case. Most
+#: messages repeat the same few dozen names, so a dictionary hit replaces the
+#: per-line token check and lower-casing. Only valid names are ever stored, and
+#: the table stops growing at ``_FIELD_NAMES_MAX`` entries, so a client sending
+#: random names costs memory once and then merely takes the slower path.
+_FIELD_NAMES: Final[dict[bytes, bytes]] = {}
+_FIELD_NAMES_MAX: Final = 2048
+for _name in (
+    b"Accept",
+    b"Accept-Encoding",
+    b"Accept-Language",
+    b"Authorization",
+    b"Cache-Control",
+    b"Connection",
+    b"Content-Encoding",
+    b"Content-Length",
+    b"Content-Type",
+    b"Cookie",
+    b"Date",
+    b"ETag",
+    b"Expires",
+    b"Host",
+    b"If-Modified-Since",
+    b"If-None-Match",
+    b"Keep-Alive",
+    b"Last-Modified",
+    b"Location",
+    b"Origin",
+    b"Pragma",
+    b"Referer",
+    b"Sec-Fetch-Dest",
+    b"Sec-Fetch-Mode",
+    b"Sec-Fetch-Site",
+    b"Sec-WebSocket-Accept",
+    b"Sec-WebSocket-Extensions",
+    b"Sec-WebSocket-Key",
+    b"Sec-WebSocket-Protocol",
+    b"Sec-WebSocket-Version",
+    b"Server",
+    b"Set-Cookie",
+    b"Transfer-Encoding",
+    b"Upgrade",
+    b"User-Agent",
+    b"Vary",
+    b"X-Forwarded-For",
+    b"X-Forwarded-Proto",
+    b"X-Requested-With",
+):
+    _FIELD_NAMES[_name] = _FIELD_NAMES[_name.lower()] = _name.lower()
+del _name
 
 
 # --------------------------------------------------------------------------
@@ -150,6 +208,22 @@ NO_BODY: Final = Framing("none")
 CHUNKED: Final = Framing("chunked")
 UNTIL_CLOSE: Final = Framing("close")
 
+#: Framings of the small body lengths seen so far, shared as they are
+#: immutable. Keyed by lengths below ``_LENGTH_CACHE_LIMIT`` only, so the table
+#: is bounded whatever lengths peers announce.
+_LENGTH_FRAMINGS: Final[dict[int, Framing]] = {}
+_LENGTH_CACHE_LIMIT: Final = 4096
+
+
+def _length_framing(length: int) -> Framing:
+    """``Framing("length", length)``, reused for small lengths."""
+    framing = _LENGTH_FRAMINGS.get(length)
+    if framing is None:
+        framing = Framing("length", length)
+        if length < _LENGTH_CACHE_LIMIT:
+            _LENGTH_FRAMINGS[length] = framing
+    return framing
+
 
 # --------------------------------------------------------------------------
 # Heads
@@ -160,6 +234,12 @@ def _list_tokens(values: list[bytes]) -> frozenset[bytes]:
 
     RFC 9110 §5.6.1: recipients accept empty list elements and ignore them.
     """
+    if not values:
+        return _NO_TOKENS
+    if len(values) == 1 and b"," not in values[0]:
+        # The usual "Connection: keep-alive": one element, no generator.
+        element = values[0].strip(_OWS).lower()
+        return frozenset((element,)) if element else _NO_TOKENS
     return frozenset(
         element
         for value in values
@@ -402,7 +482,11 @@ class HeadParser(Generic[_H]):
         rest = self._rest
         if rest is None:
             raise RuntimeError("take_rest() called before a head was complete")
-        self._reset()
+        if self._at_start:
+            # Completed by the fast path in feed(): nothing else to reset.
+            self._rest = None
+        else:
+            self._reset()
         return rest
 
     def _error(self, reason: str, status: int) -> RemoteProtocolError:
@@ -421,6 +505,18 @@ class HeadParser(Generic[_H]):
         if self._rest is not None:
             raise RuntimeError("take_rest() must be called before feeding the next head")
         buf = self._buf
+        if not buf and self._at_start and not self._skipped:
+            # Fastest path: a whole head arrives in one segment and starts as
+            # a head must (the same test _check_start makes). The parser's
+            # state stays pristine, so take_rest() need not reset it.
+            request = self._request
+            if (data and data[0] in _TCHAR) if request else data.startswith(b"HTTP/"):
+                end = data.find(b"\r\n\r\n")
+                if end != -1 and end + 4 <= self._max_size:
+                    self._rest = bytes(data[end + 4 :])
+                    if request:
+                        return cast(_H, self._parse_request(bytes(data[:end])))
+                    return cast(_H, self._parse_response(bytes(data[:end])))
         # Fast path: a whole head in one segment is parsed without copying it
         # into the buffer first.
         view: bytes | bytearray
@@ -509,10 +605,12 @@ class HeadParser(Generic[_H]):
     def _split_lines(self, head: bytes) -> list[bytes]:
         lines = head.split(b"\r\n")
         crlf = len(lines) - 1
-        if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
-            raise self._error("bare CR or LF in head", 400)
-        bad = head.translate(None, _HEAD_OK)
-        if bad:
+        # One C pass checks both the bytes and the line endings; the
+        # specific error is worked out only for a head that fails.
+        if head.translate(None, _LINE_OK) != b"\r\n" * crlf:
+            if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
+                raise self._error("bare CR or LF in head", 400)
+            bad = head.translate(None, _HEAD_OK)
             what = "NUL" if b"\x00" in bad else "control character"
             raise self._error(f"{what} in head", 400)
         if crlf > self._max_headers:
@@ -531,29 +629,45 @@ class HeadParser(Generic[_H]):
         headers: list[tuple[bytes, bytes]] = []
         watched: dict[bytes, list[int]] = {}
         append = headers.append
+        known = _FIELD_NAMES.get
+        ows = _OWS
         for line in islice(lines, 1, None):
-            if line[0] in (0x20, 0x09):
-                # RFC 9112 §5.2: obs-fold may be rejected with 400; folding
-                # into the previous line (HAProxy does so even for Host) is
-                # a known way to hide headers from one side of a proxy.
-                raise self._error("obsolete line folding in header", 400)
-            colon = line.find(b":")
-            if colon <= 0:
-                raise self._error(
-                    "empty header name" if colon == 0 else "header line without colon", 400
-                )
-            name = line[:colon]
-            if name.translate(None, _TCHAR):
-                # RFC 9112 §5.1: no whitespace is allowed between the field
-                # name and the colon; a server MUST reject such a message.
-                if name[-1] in (0x20, 0x09):
-                    raise self._error("whitespace before colon in header", 400)
-                raise self._error("invalid header name", 400)
-            lower = name.lower()
+            # A known name is a non-empty token, so a line that starts with it
+            # and a colon is well formed up to the value (whose bytes the
+            # whole-head check already vetted); anything else is examined in
+            # detail by _field_name.
+            name, colon, value = line.partition(b":")
+            lower = known(name) if colon else None
+            if lower is None:
+                lower = self._field_name(line)
             if lower in watch:
                 watched.setdefault(lower, []).append(len(headers))
-            append((name, line[colon + 1 :].strip(_OWS)))
+            append((name, value.strip(ows)))
         return headers, watched
+
+    def _field_name(self, line: bytes) -> bytes:
+        """Validate the name of a header line; return it in lower case."""
+        if line[0] in (0x20, 0x09):
+            # RFC 9112 §5.2: obs-fold may be rejected with 400; folding
+            # into the previous line (HAProxy does so even for Host) is
+            # a known way to hide headers from one side of a proxy.
+            raise self._error("obsolete line folding in header", 400)
+        colon = line.find(b":")
+        if colon <= 0:
+            raise self._error(
+                "empty header name" if colon == 0 else "header line without colon", 400
+            )
+        name = line[:colon]
+        if name.translate(None, _TCHAR):
+            # RFC 9112 §5.1: no whitespace is allowed between the field
+            # name and the colon; a server MUST reject such a message.
+            if name[-1] in (0x20, 0x09):
+                raise self._error("whitespace before colon in header", 400)
+            raise self._error("invalid header name", 400)
+        lower = name.lower()
+        if len(_FIELD_NAMES) < _FIELD_NAMES_MAX:
+            _FIELD_NAMES[name] = lower
+        return lower
 
     def _parse_request(self, head: bytes) -> RequestHead:
         lines = self._split_lines(head)
@@ -566,7 +680,7 @@ class HeadParser(Generic[_H]):
             raise self._error("malformed request line", 400)
         method, target, raw_version = parts
         version = _KNOWN_VERSIONS.get(raw_version) or self._other_version(method, raw_version)
-        if not method or method.translate(None, _TCHAR):
+        if method not in _COMMON_METHODS and (not method or method.translate(None, _TCHAR)):
             raise self._error("invalid method", 400)
         if not target:
             raise self._error("empty request target", 400)
@@ -574,20 +688,20 @@ class HeadParser(Generic[_H]):
 
         headers, watched = self._parse_fields(lines, _REQUEST_WATCH)
 
-        drop: set[int] = set()
+        drop: list[int] = []
         close_after = False
         framing = NO_BODY
         cl_index = watched.get(b"content-length")
         te_index = watched.get(b"transfer-encoding")
         if cl_index:
             length, digits = _content_length([headers[i][1] for i in cl_index], self._error, 400)
-            framing = Framing("length", length)
+            framing = _length_framing(length)
             # RFC 9110 §8.6: a list of identical values may be replaced by a
             # single one; it is, so the backend never sees a list.
             first = cl_index[0]
             if headers[first][1] != digits:
                 headers[first] = (headers[first][0], digits)
-            drop.update(cl_index[1:])
+            drop += cl_index[1:]
         if te_index:
             if version == _HTTP10:
                 # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message
@@ -600,13 +714,13 @@ class HeadParser(Generic[_H]):
             first = te_index[0]
             if len(te_index) > 1 or headers[first][1].lower() != b"chunked":
                 headers[first] = (headers[first][0], b"chunked")
-            drop.update(te_index[1:])
+            drop += te_index[1:]
             if cl_index:
                 # RFC 9112 §6.3 step 3: Transfer-Encoding overrides
                 # Content-Length, and an intermediary MUST remove the
                 # Content-Length before forwarding; §6.1: the server MUST
                 # close the connection after responding to such a request.
-                drop.update(cl_index)
+                drop += cl_index
                 close_after = True
         if version == _HTTP10 and framing.length and method in (b"GET", b"HEAD", b"DELETE"):
             # A body on these methods had no meaning in HTTP/1.0 (RFC 1945),
@@ -621,6 +735,7 @@ class HeadParser(Generic[_H]):
         # value." HAProxy merges identical duplicates; this parser follows
         # the RFC, as two Host lines are how routing confusion starts.
         host_index = watched.get(b"host")
+        upgrade_index = watched.get(b"upgrade")
         if host_index:
             if len(host_index) > 1:
                 raise self._error("more than one Host header", 400)
@@ -632,11 +747,17 @@ class HeadParser(Generic[_H]):
         elif version == _HTTP11:
             raise self._error("missing Host header", 400)
 
-        keys = [headers[i][1] for i in watched.get(b"sec-websocket-key", ())]
-        connection = _list_tokens([headers[i][1] for i in watched.get(b"connection", ())])
-        upgrade = _list_tokens([headers[i][1] for i in watched.get(b"upgrade", ())])
+        keys = (
+            [headers[i][1] for i in watched.get(b"sec-websocket-key", ())] if upgrade_index else []
+        )
+        connection = upgrade = _NO_TOKENS
+        if b"connection" in watched:
+            connection = _list_tokens([headers[i][1] for i in watched[b"connection"]])
+        if upgrade_index:
+            upgrade = _list_tokens([headers[i][1] for i in upgrade_index])
         if drop:
-            headers = [h for i, h in enumerate(headers) if i not in drop]
+            dropped = set(drop)
+            headers = [h for i, h in enumerate(headers) if i not in dropped]
         # Built without __init__: the Connection and Upgrade options are
         # already known, so __post_init__'s extra pass over the headers is
         # skipped (this is the per-request hot path).
@@ -648,8 +769,13 @@ class HeadParser(Generic[_H]):
         request.framing = framing
         request._connection = connection
         request._upgrade = upgrade
-        request.close_after = close_after or not request.keep_alive
-        if request.is_websocket_upgrade:
+        # keep_alive, inlined (RFC 9112 §9.3).
+        request.close_after = (
+            close_after
+            or b"close" in connection
+            or (version != _HTTP11 and b"keep-alive" not in connection)
+        )
+        if upgrade and request.is_websocket_upgrade:
             _check_websocket_request(request, keys, self._error)
         return request
 
@@ -698,24 +824,41 @@ class HeadParser(Generic[_H]):
 
     def _parse_response(self, head: bytes) -> ResponseHead:
         lines = self._split_lines(head)
-        match = _STATUS_LINE_RE.fullmatch(lines[0])
-        if match is None:
-            raise self._error("malformed status line", 502)
-        major, minor, status_code, reason = match.groups()
-        if major != b"1":
-            raise self._error("unsupported HTTP version in response", 502)
-        status = int(status_code)
+        line = lines[0]
+        # RFC 9112 §4: status-line = HTTP-version SP status-code SP
+        # [ reason-phrase ]. The usual "HTTP/1.1 200 OK" is checked with
+        # slices; every other line goes through the full pattern.
+        version = _KNOWN_VERSIONS.get(line[:8])
+        code = line[9:12]
+        if (
+            version
+            and line[8:9] == b" "
+            and len(code) == 3
+            and code.isdigit()
+            and line[12:13] in (b" ", b"")
+        ):
+            reason = line[13:]
+        else:
+            match = _STATUS_LINE_RE.fullmatch(line)
+            if match is None:
+                raise self._error("malformed status line", 502)
+            major, minor, code, reason = match.groups()
+            if major != b"1":
+                raise self._error("unsupported HTTP version in response", 502)
+            version = _HTTP10 if minor == b"0" else _HTTP11
+        status = int(code)
         if not 100 <= status <= 599:
             # RFC 9110 §15: values outside 100..599 are invalid.
             raise self._error("status code out of range", 502)
-        version = _HTTP10 if minor == b"0" else _HTTP11
         headers, watched = self._parse_fields(lines, _RESPONSE_WATCH)
         response = object.__new__(ResponseHead)  # as in _parse_request
         response.version = version
         response.status = status
         response.reason = reason or b""
         response.headers = headers
-        response._connection = _list_tokens([headers[i][1] for i in watched.get(b"connection", ())])
+        response._connection = (
+            _list_tokens([headers[i][1] for i in watched[b"connection"]]) if watched else _NO_TOKENS
+        )
         return response
 
 
@@ -735,11 +878,17 @@ def _content_length(values: list[bytes], error: _ErrorFactory, status: int) -> t
 
     :returns: the length, and its digits as received.
     """
+    if len(values) == 1:
+        value = values[0]
+        # The usual single number. bytes.isdigit() accepts ASCII digits only,
+        # and is False for an empty value.
+        if value.isdigit() and len(value) <= 15:
+            return int(value), value
     seen: bytes | None = None
     for value in values:
         for raw in value.split(b","):
             number = raw.strip(_OWS)
-            if not _CONTENT_LENGTH_RE.fullmatch(number):
+            if not number.isdigit() or len(number) > 15:
                 # §8.6 warns about integer overflow: more than 15 digits
                 # (nearly a petabyte) is refused rather than parsed.
                 if number.isdigit():
@@ -828,8 +977,17 @@ def response_framing(head: ResponseHead, request_method: bytes) -> Framing:
     # The caller relays both directions until either side closes.
     if request_method == b"CONNECT" and status < 300:
         return UNTIL_CLOSE
-    te_values = head.get_all(b"transfer-encoding")
-    cl_values = head.get_all(b"content-length")
+    # One pass collects both framing fields; names are compared by length
+    # first, so most lines cost no lower-casing.
+    te_values: list[bytes] = []
+    cl_values: list[bytes] = []
+    for name, value in head.headers:
+        size = len(name)
+        if size == 14:
+            if name.lower() == b"content-length":
+                cl_values.append(value)
+        elif size == 17 and name.lower() == b"transfer-encoding":
+            te_values.append(value)
     if te_values:
         if head.version == _HTTP10:
             # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 is faulty framing.
@@ -849,7 +1007,7 @@ def response_framing(head: ResponseHead, request_method: bytes) -> Framing:
         # Step 6: a valid Content-Length gives the length. Step 5: with an
         # invalid one, "the proxy MUST close the connection to the server,
         # discard the received response, and send a 502 (Bad Gateway)".
-        return Framing("length", _content_length(cl_values, _response_error, 502)[0])
+        return _length_framing(_content_length(cl_values, _response_error, 502)[0])
     # Step 8: "Otherwise, this is a response message without a declared
     # message body length, so the message body length is determined by the
     # number of octets received prior to the server closing the connection."
@@ -900,6 +1058,7 @@ HOP_BY_HOP: Final = frozenset(
 #: change where the message ends or where it is routed, which is what
 #: "Connection: Content-Length"-style attacks aim for.
 PROTECTED: Final = frozenset((b"content-length", b"transfer-encoding", b"host"))
+_HOP_BY_HOP_LENGTHS: Final = frozenset(len(name) for name in HOP_BY_HOP)
 
 
 def strip_hop_by_hop(head: RequestHead | ResponseHead, *, keep_upgrade: bool) -> None:
@@ -914,7 +1073,22 @@ def strip_hop_by_hop(head: RequestHead | ResponseHead, *, keep_upgrade: bool) ->
         place with exactly the value ``upgrade``, and Upgrade fields are kept.
     """
     headers = head.headers
-    options = _list_tokens(head.get_all(b"connection"))
+    # Connection options only name fields to remove, so a message without
+    # any standard hop-by-hop field (Connection included) is left as it is.
+    # Names are compared by length first: most lines need no lower-casing.
+    lengths = _HOP_BY_HOP_LENGTHS
+    connection: list[bytes] = []
+    found = False
+    for name, value in headers:
+        if len(name) in lengths:
+            lower = name.lower()
+            if lower in HOP_BY_HOP:
+                found = True
+                if lower == b"connection":
+                    connection.append(value)
+    if not found:
+        return
+    options = _list_tokens(connection)
     remove = (HOP_BY_HOP | options) - PROTECTED
     upgrade = keep_upgrade and b"upgrade" in options
     if upgrade:

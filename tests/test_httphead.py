@@ -9,13 +9,15 @@ be rejected with the same status however it is split.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterable
 from typing import Literal
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+from stickyproxy import httphead
 from stickyproxy.errors import RemoteProtocolError
 from stickyproxy.httphead import (
     CHUNKED,
@@ -1252,3 +1254,113 @@ def test_pipelined_messages_parse_the_same_at_random_splits(data: st.DataObject)
     assert expected[0][1] == b"hello"
     assert expected[1][1] == CHUNKED_BODY
     assert run_pipeline(data.draw(cuts(PIPELINE))) == expected
+
+
+# --------------------------------------------------------------------------
+# Fast paths: each must decide exactly as the full check it short-cuts.
+
+_STATUS_LINE_MODEL = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: (.*))?", re.DOTALL)
+
+
+def status_line_model(line: bytes) -> tuple[object, ...] | str:
+    """RFC 9112 §4 status-line, as the full pattern reads it."""
+    match = _STATUS_LINE_MODEL.fullmatch(line)
+    if match is None:
+        return "malformed status line"
+    major, minor, code, reason = match.groups()
+    if major != b"1":
+        return "unsupported HTTP version"
+    if not 100 <= int(code) <= 599:
+        return "status code out of range"
+    return (b"HTTP/1.0" if minor == b"0" else b"HTTP/1.1", int(code), reason or b"")
+
+
+class TestFastPaths:
+    @example(b"HTTP/1.1", b" 20")
+    @example(b"HTTP/1.1", b" 2000")
+    @example(b"HTTP/1.0", b" 200 ")
+    @example(b"HTTP/1.9", b" 099 Ok")
+    @example(b"HTTP/2.0", b" 200 Ok")
+    @given(
+        st.sampled_from(
+            [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.9", b"HTTP/2.0", b"HTTP/1.", b"HTTP/11"]
+        ),
+        st.binary(max_size=6).map(lambda b: bytes(b" 0123456789Ok"[x % 13] for x in b)),
+    )
+    def test_status_lines_are_read_as_the_full_pattern_reads_them(
+        self, version: bytes, tail: bytes
+    ) -> None:
+        line = version + tail
+        try:
+            head = response(msg(line))
+        except RemoteProtocolError as error:
+            assert error.status_hint == 502
+            expected = status_line_model(line)
+            assert isinstance(expected, str) and expected in error.reason
+        else:
+            assert (head.version, head.status, head.reason) == status_line_model(line)
+
+    @pytest.mark.parametrize("name", [b"Host", b"X-Learned-Name"])
+    def test_a_known_field_name_without_a_colon_is_still_refused(self, name: bytes) -> None:
+        request(msg(b"GET / HTTP/1.1", b"Host: h", b"X-Learned-Name: learned"))
+        assert_rejected(msg(b"GET / HTTP/1.1", b"Host: h", name), 400, reason="without colon")
+
+    def test_the_name_table_stops_growing_and_unlisted_spellings_still_count(self) -> None:
+        for batch in range(40):
+            names = [b"X-Filler-%d-%d: v" % (batch, i) for i in range(90)]
+            request(msg(b"GET / HTTP/1.1", b"Host: h", *names))
+        assert len(httphead._FIELD_NAMES) <= httphead._FIELD_NAMES_MAX
+        head = request(
+            msg(b"POST / HTTP/1.1", b"hOsT: h", b"cOnTeNt-LeNgTh: 3", b"CoNnEcTiOn: cLoSe")
+        )
+        assert (head.framing, head.close_after) == (Framing("length", 3), True)
+        assert_rejected(msg(b"GET / HTTP/1.1", b"hOSt: a", b"HoSt: b"), 400, reason="Host")
+
+    def test_empty_lines_before_a_head_count_towards_its_size_when_it_comes_whole(self) -> None:
+        head = get(b"/", b"X: y")
+        assert request(head, max_size=len(head)).target == b"/"
+        parser = HeadParser("request", max_size=len(head) + 1)
+        assert parser.feed(b"\r\n") is None
+        with pytest.raises(RemoteProtocolError) as info:
+            parser.feed(head)
+        assert info.value.status_hint == 431
+
+    @pytest.mark.parametrize(
+        ("values", "framing"),
+        [
+            ([b"5"], Framing("length", 5)),
+            ([b" 5\t"], Framing("length", 5)),
+            ([b"5, 5"], Framing("length", 5)),
+            ([b"4999"], Framing("length", 4999)),
+            ([b"9" * 15], Framing("length", 10**15 - 1)),
+        ],
+    )
+    def test_content_length_values_give_the_length(
+        self, values: list[bytes], framing: Framing
+    ) -> None:
+        head = ResponseHead(b"HTTP/1.1", 200, b"OK", [(b"Content-Length", v) for v in values])
+        assert response_framing(head, b"GET") == framing
+
+    @pytest.mark.parametrize(
+        ("value", "reason"),
+        [(b"+5", "invalid"), (b"", "invalid"), (b"\xd9\xa3", "invalid"), (b"1" * 16, "too large")],
+    )
+    def test_content_length_values_that_are_not_short_decimals_are_refused(
+        self, value: bytes, reason: str
+    ) -> None:
+        head = ResponseHead(b"HTTP/1.1", 200, b"OK", [(b"Content-Length", value)])
+        with pytest.raises(RemoteProtocolError, match=reason):
+            response_framing(head, b"GET")
+
+    def test_framing_fields_are_found_whatever_their_case(self) -> None:
+        head = ResponseHead(
+            b"HTTP/1.1", 200, b"OK", [(b"Content-LengtX", b"1"), (b"TRANSFER-encoding", b"chunked")]
+        )
+        assert response_framing(head, b"GET") == CHUNKED
+
+    def test_stripping_a_head_without_hop_by_hop_fields_keeps_it_as_it_is(self) -> None:
+        head = request(get(b"/", b"X-Te: 1", b"Upgrades: 2", b"Keep-Alivee: 3"))
+        headers = head.headers
+        before = list(headers)
+        strip_hop_by_hop(head, keep_upgrade=False)
+        assert head.headers is headers and headers == before
