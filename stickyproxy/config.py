@@ -613,8 +613,12 @@ def _networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
     return tuple(networks)
 
 
-def _split_endpoint(text: str) -> list[str]:
-    """Split on ':' not escaped by a backslash, as Twisted's strports does."""
+def split_endpoint(text: str, *, keep_escapes: bool = False) -> list[str]:
+    """Split on ':' not escaped by a backslash, as Twisted's strports does.
+
+    :param keep_escapes: keep the backslashes, so the pieces join back into
+        the same description.
+    """
     parts = [""]
     escaped = False
     for char in text:
@@ -622,6 +626,8 @@ def _split_endpoint(text: str) -> list[str]:
             parts[-1] += char
             escaped = False
         elif char == "\\":
+            if keep_escapes:
+                parts[-1] += char
             escaped = True
         elif char == ":":
             parts.append("")
@@ -646,7 +652,7 @@ def _endpoint(text: str) -> str:
         )
     positional: list[str] = []
     keywords: dict[str, str] = {}
-    for arg in _split_endpoint(rest):
+    for arg in split_endpoint(rest):
         name, equals, value = arg.partition("=")
         if equals:
             keywords[name] = value

@@ -399,7 +399,7 @@ class Frontend:
         # Heads and bodies often leave in separate writes; with Nagle on, the
         # second waits for the client's delayed ACK (~40 ms on Linux).
         _no_delay(self.transport)
-        self.client_ip, self.client_port = _host_port(self.transport.getPeer())
+        self.client_ip, self.client_port = host_port(self.transport.getPeer())
         cfg = ctx.config.proxy
         mode = cfg.proxy_protocol
         trusted = _is_trusted(self.client_ip, cfg.trusted_proxies)
@@ -1485,7 +1485,8 @@ def _no_delay(transport: Any) -> None:
         set_no_delay(True)
 
 
-def _host_port(address: object) -> tuple[str, int]:
+def host_port(address: object) -> tuple[str, int]:
+    """The host and port of a Twisted address (``("0.0.0.0", 0)`` for a UNIX one)."""
     host = getattr(address, "host", None)
     port = getattr(address, "port", 0)
     if isinstance(host, str):

@@ -100,7 +100,7 @@ def prepare_response(
     for responses it judges cacheable, which skips the typical dynamic page.
     """
     name = options.cookie.name
-    if any(lower == _SET_COOKIE for lower in _lower_names(head)):
+    if head.get(_SET_COOKIE) is not None:
         head.headers = [
             (n, v)
             for n, v in head.headers
@@ -113,10 +113,6 @@ def prepare_response(
             head.headers = cookies.make_private(head.headers)
     if close:
         head.add(b"Connection", b"close")
-
-
-def _lower_names(head: ResponseHead) -> list[bytes]:
-    return [n.lower() for n, _ in head.headers]
 
 
 _REASONS = {

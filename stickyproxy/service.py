@@ -31,7 +31,7 @@ from stickyproxy.config import Config, load_config
 from stickyproxy.errors import ConfigError
 from stickyproxy.health import HealthChecker, log_transition
 from stickyproxy.pool import Pool, Server
-from stickyproxy.relay import FrontendFactory, ProxyContext
+from stickyproxy.relay import FrontendFactory, ProxyContext, host_port
 
 log = Logger(namespace="stickyproxy")
 
@@ -77,7 +77,7 @@ class StickyProxy:
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """The (host, port) each listener is bound to (useful with port 0)."""
-        return [_host_port(port.getHost()) for port in self.ports]
+        return [host_port(port.getHost()) for port in self.ports]
 
     @inlineCallbacks
     def start(self) -> Any:
@@ -109,7 +109,7 @@ class StickyProxy:
             if not self._accepting:
                 port.stopReading()
             self.listeners[description] = port
-            host, number = _host_port(port.getHost())
+            host, number = host_port(port.getHost())
             log.info("stickyproxy listening on {host}:{port}", host=host, port=number)
 
     @inlineCallbacks
@@ -392,7 +392,7 @@ class StickyProxyService(Service):
             json.dump(
                 {
                     "listen": [list(a) for a in self.proxy.addresses],
-                    "admin": None if admin is None else list(_host_port(admin.getHost())),
+                    "admin": None if admin is None else list(host_port(admin.getHost())),
                 },
                 f,
             )
@@ -412,10 +412,6 @@ def _notify(send: Callable[..., bool], *args: Any) -> None:
         send(*args)
     except OSError:
         log.failure("systemd notification failed")
-
-
-def _host_port(address: Any) -> tuple[str, int]:
-    return (str(getattr(address, "host", "")), int(getattr(address, "port", 0)))
 
 
 def _endpoint_host(host: str) -> str:

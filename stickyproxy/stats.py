@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+
 #: Routing decisions, as :class:`stickyproxy.pool.Decision` names them.
 DECISIONS = ("cookie", "cookie-unusable", "hash", "redispatch")
 
@@ -35,8 +37,7 @@ class Counters:
 
     def response(self, status: int) -> None:
         """Count one response by its class."""
-        key = f"{status // 100}xx" if 100 <= status <= 599 else "other"
-        self.responses[key] += 1
+        self.responses[_CLASSES[status // 100] if 100 <= status <= 599 else "other"] += 1
 
     def as_dict(self) -> dict[str, object]:
         return {

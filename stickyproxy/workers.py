@@ -76,7 +76,7 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
 from stickyproxy import systemd
-from stickyproxy.config import Config, parse_config, read_config
+from stickyproxy.config import Config, parse_config, read_config, split_endpoint
 from stickyproxy.errors import ConfigError, ConfigProblem
 
 __all__ = [
@@ -132,24 +132,8 @@ _MASTER_ONLY_ENV = (
 
 
 def _split_raw(description: str) -> list[str]:
-    """Split an endpoint description on ``:`` not escaped by a backslash.
-
-    The escapes are kept, so the pieces can be joined back unchanged.
-    """
-    parts = [""]
-    escaped = False
-    for char in description:
-        if escaped:
-            parts[-1] += char
-            escaped = False
-        elif char == "\\":
-            parts[-1] += char
-            escaped = True
-        elif char == ":":
-            parts.append("")
-        else:
-            parts[-1] += char
-    return parts
+    """Split an endpoint description, keeping escapes so the pieces join back."""
+    return split_endpoint(description, keep_escapes=True)
 
 
 def _escape_host(host: str) -> str:
