@@ -46,6 +46,12 @@ key                              default            meaning
 ``[proxy] proxy_tlv_headers``    ``false``          *added*: pass the PROXY v2 AUTHORITY and
                                                     UNIQUE_ID to backends as
                                                     ``X-Proxy-Authority``/``X-Unique-ID``
+``[proxy] decision_header``      (off)              *added*: response header naming the routing
+                                                    decision and server, e.g.
+                                                    ``X-Stickyproxy-Route``
+``[proxy] trust_forwarded_proto``  ``false``        *added*: a trusted peer's
+                                                    ``X-Forwarded-Proto: https`` means TLS
+                                                    (for ``[cookie] secure = auto``)
 ``[proxy] max_head_size``        ``15360``          *added*: largest request head (size)
 ``[proxy] max_headers``          ``100``            *added*: most header lines in a request head
 ``[proxy] workers``              ``1``              *added*: processes sharing the listeners,
@@ -58,9 +64,16 @@ key                              default            meaning
 ``[cookie] nocache``             ``true``           keep shared caches from storing responses
                                                     that set the cookie
 ``[cookie] httponly``            ``false``          add the ``HttpOnly`` attribute
-``[cookie] secure``              ``false``          add the ``Secure`` attribute
+``[cookie] secure``              ``false``          add the ``Secure`` attribute; *added*:
+                                                    ``auto`` adds it when the client's
+                                                    connection is TLS
 ``[cookie] samesite``            (none)             empty | ``Lax`` | ``Strict`` | ``None``
-                                                    (``None`` needs ``secure = true``)
+                                                    (``None`` needs ``secure`` true or auto)
+``[cookie] samesite_legacy``     ``false``          *added*: with ``samesite = None``, also set
+                                                    a twin cookie without SameSite for old
+                                                    clients
+``[cookie] legacy_suffix``       ``_legacy``        *added*: the twin cookie's name is
+                                                    ``name`` + this
 ``[cookie] max_age``             (session)          duration, whole seconds; empty = session
 ``[cookie] domain``              (none)             *added*: ``Domain`` attribute
 ``[cookie] path``                ``/``              *added*: ``Path`` attribute
@@ -95,6 +108,17 @@ key                              default            meaning
 ``[server NAME] weight``         ``10``             0 (drained) to 256
 ``[server NAME] maxconn``        ``1000``           concurrent requests, 0 = unlimited
 ``[server NAME] check``          ``true``           *added*: health-check this server
+``[server NAME] tag``            (from NAME)        *added*: opaque tag in tagged engine.io sids
+                                                    (unique; base64url, 1 to 32 characters)
+``[engineio] path``              ``/socket.io/``    *added*: path prefix of engine.io requests,
+                                                    routed by their ``sid``; empty = off
+``[engineio] sid_tag``           ``off``            *added*: ``off`` | ``eio4``: tag EIO4 sids
+                                                    with the server's tag (stateless fleets)
+``[engineio] sid_store``         (none)             *added*: shared sid table for fleets,
+                                                    ``redis://host:port/db``
+``[engineio] sid_store_timeout`` ``250ms``          *added*: longest wait for the store
+``[engineio] max_sessions``      ``100000``         *added*: sessions the local table keeps
+``[engineio] sid_cookie``        ``io``             *added*: engine.io's own cookie name
 ``[admin] listen``               (off)              endpoint string of the status page
 ``[admin] token``                (none)             *added*: bearer token for runtime control
                                                     (16 or more of ``A-Za-z0-9-._~+/``, then
@@ -111,11 +135,14 @@ Server names use letters, digits, ``-``, ``_`` and ``.``.
 
 from __future__ import annotations
 
+import base64
 import configparser
 import difflib
+import hashlib
 import ipaddress
 import math
 import re
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -130,6 +157,7 @@ __all__ = [
     "Config",
     "CookieConfig",
     "DemoConfig",
+    "EngineIOConfig",
     "HealthConfig",
     "IPNetwork",
     "ProxyConfig",
@@ -166,6 +194,11 @@ class ProxyConfig:
     redispatch: bool = True
     forwarded_for: bool = True
     proxy_tlv_headers: bool = False
+    #: A response header naming the routing decision and the server (for
+    #: example ``X-Stickyproxy-Route: sid-table; server=s1``); empty: off.
+    decision_header: str = ""
+    #: Trust ``X-Forwarded-Proto: https`` from trusted proxies as a sign of TLS.
+    trust_forwarded_proto: bool = False
     access_log: Literal["httplog", "json", "off"] = "off"
     max_head_size: int = 15360
     max_headers: int = 100
@@ -181,8 +214,16 @@ class CookieConfig:
     indirect: bool = True
     nocache: bool = True
     httponly: bool = False
-    secure: bool = False
+    #: ``"auto"``: Secure when the client's connection is TLS (a TLS
+    #: listener, a trusted ``X-Forwarded-Proto: https``, or the PROXY v2 SSL
+    #: TLV).
+    secure: bool | Literal["auto"] = False
     samesite: Literal["", "Lax", "Strict", "None"] = ""
+    #: With ``samesite = None``: also set a twin cookie without SameSite,
+    #: named ``name + legacy_suffix``, for old clients that reject
+    #: ``SameSite=None`` (the approach of AWS ALB's AWSALB/AWSALBCORS pair).
+    samesite_legacy: bool = False
+    legacy_suffix: str = "_legacy"
     max_age: float | None = None
     domain: str | None = None
     path: str = "/"
@@ -238,6 +279,37 @@ class ServerConfig:
     weight: int = 10
     maxconn: int = 1000
     check: bool = True
+    #: The opaque tag that names this server in tagged engine.io sids
+    #: (``[engineio] sid_tag``); empty: derived from the name.
+    tag: str = ""
+
+    @property
+    def engine_tag(self) -> str:
+        """The tag this server's sids carry: ``tag``, or one derived from the name."""
+        return self.tag or default_tag(self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineIOConfig:
+    """``[engineio]``: routing engine.io (socket.io) sessions by their ``sid``."""
+
+    #: The path prefix of engine.io requests; empty turns sid routing off.
+    path: str = "/socket.io/"
+    #: ``eio4``: append the server's tag to the sid of EIO4 polling handshakes,
+    #: so that any proxy of a fleet routes the session without shared state.
+    sid_tag: Literal["off", "eio4"] = "off"
+    #: A shared table for fleets, ``redis://host:port/db``; ``None``: none.
+    sid_store: str | None = None
+    #: How long a request or a handshake waits for the store at most.
+    sid_store_timeout: float = 0.25
+    #: The most sessions the local table remembers (oldest idle go first).
+    max_sessions: int = 100_000
+    #: engine.io's own cookie, also read to learn a handshake's sid.
+    sid_cookie: str = "io"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +340,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    engineio: EngineIOConfig = field(default_factory=EngineIOConfig)
 
 
 # ---------------------------------------------------------------------------
@@ -477,6 +550,72 @@ def _samesite(text: str) -> str:
         if text.lower() == canonical.lower():
             return canonical
     raise ValueError(f"expected Lax, Strict, None or nothing, got {text!r}")
+
+
+def _header_name(text: str) -> str:
+    # RFC 9110 §5.1: a field name is a token.
+    if text and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", text):
+        raise ValueError(f"expected an HTTP header name such as X-Stickyproxy-Route, got {text!r}")
+    return text
+
+
+def _secure(text: str) -> bool | str:
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return _boolean(text)
+    except ValueError:
+        raise ValueError(f"expected true, false or auto, got {text!r}") from None
+
+
+def _legacy_suffix(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", text):
+        raise ValueError(f"expected 1 to 32 letters, digits, '_' or '-', got {text!r}")
+    return text
+
+
+def _engineio_path(text: str) -> str:
+    if not text:
+        return ""
+    if not text.startswith("/") or not re.fullmatch(r"/[!$&'()*+,;=:@A-Za-z0-9._~/%-]*", text):
+        raise ValueError(f"expected a path starting with '/', such as /socket.io/, got {text!r}")
+    return text
+
+
+def _store_url(text: str) -> str | None:
+    if not text:
+        return None
+    url = urllib.parse.urlsplit(text)
+    if url.scheme == "redis":
+        if not url.hostname or url.port is None:
+            raise ValueError(f"expected redis://host:port or redis://host:port/db, got {text!r}")
+        db = url.path.strip("/")
+        if db and not _WHOLE_RE.fullmatch(db):
+            raise ValueError(f"the database in {text!r} must be a number, as in redis://h:6379/0")
+        return text
+    if url.scheme == "unix":
+        if not url.path:
+            raise ValueError(f"expected unix:///path/to/redis.sock, got {text!r}")
+        return text
+    raise ValueError(f"expected redis://host:port/db or unix:///path, got {text!r}")
+
+
+def _server_tag(text: str) -> str:
+    if not text:
+        return ""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", text):
+        raise ValueError(f"expected 1 to 32 letters, digits, '_' or '-', got {text!r}")
+    return text
+
+
+def default_tag(name: str) -> str:
+    """The engine.io sid tag of a server without ``tag``: opaque, from its name.
+
+    Every proxy of a fleet with the same configuration derives the same tag,
+    and the tag reveals neither the name nor the address of the server.
+    """
+    digest = hashlib.sha256(b"stickyproxy-sid-tag:" + name.encode("utf-8")).digest()
+    return base64.urlsafe_b64encode(digest[:6]).decode("ascii")
 
 
 def _max_age(text: str) -> float | None:
@@ -780,6 +919,8 @@ _SECTIONS: dict[str, _Parsers] = {
         "redispatch": _boolean,
         "forwarded_for": _boolean,
         "proxy_tlv_headers": _boolean,
+        "decision_header": _header_name,
+        "trust_forwarded_proto": _boolean,
         "access_log": _choice("httplog", "json", "off"),
         "max_head_size": _positive_size,
         "max_headers": _integer(1),
@@ -791,8 +932,10 @@ _SECTIONS: dict[str, _Parsers] = {
         "indirect": _boolean,
         "nocache": _boolean,
         "httponly": _boolean,
-        "secure": _boolean,
+        "secure": _secure,
         "samesite": _samesite,
+        "samesite_legacy": _boolean,
+        "legacy_suffix": _legacy_suffix,
         "max_age": _max_age,
         "domain": _cookie_domain,
         "path": _cookie_path,
@@ -818,6 +961,14 @@ _SECTIONS: dict[str, _Parsers] = {
         "http_version": _choice("1.1", "1.0"),
         "observe": _choice("layer4", "none"),
     },
+    "engineio": {
+        "path": _engineio_path,
+        "sid_tag": _choice("off", "eio4"),
+        "sid_store": _store_url,
+        "sid_store_timeout": _positive_duration,
+        "max_sessions": _integer(1),
+        "sid_cookie": _cookie_name,
+    },
     "admin": {"listen": _admin_listen, "token": _admin_token},
     "demo": {"backends": _boolean},
     "server": {
@@ -826,6 +977,7 @@ _SECTIONS: dict[str, _Parsers] = {
         "weight": _integer(0, 256, " (0 drains the server)"),
         "maxconn": _integer(0, what=" (0 = unlimited)"),
         "check": _boolean,
+        "tag": _server_tag,
     },
 }
 
@@ -1000,6 +1152,7 @@ def _check_servers(
     problems: list[ConfigProblem],
 ) -> None:
     cookie_owner: dict[str, str] = {}
+    tag_owner: dict[str, str] = {}
     address_owner: dict[tuple[str, int], str] = {}
     for label, server in servers:
         owner = cookie_owner.setdefault(server.cookie, label)
@@ -1009,6 +1162,13 @@ def _check_servers(
             problems.append(
                 ConfigProblem(
                     label, "cookie", f"value {server.cookie!r} is already used by [{owner}]"
+                )
+            )
+        tagged = tag_owner.setdefault(server.engine_tag, label)
+        if tagged != label:
+            problems.append(
+                ConfigProblem(
+                    label, "tag", f"tag {server.engine_tag!r} is already used by [{tagged}]"
                 )
             )
         if demo.backends:
@@ -1100,12 +1260,22 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         proxy.setdefault("timeout_queue", proxy["timeout_connect"])
     cookie = sections.get("cookie", {})
     if cookie.get("samesite") == "None" and not cookie.get("secure", CookieConfig().secure):
+        # "auto" passes: a cookie set over plain HTTP then goes out without
+        # SameSite=None at all (see cookies.set_cookie_value).
         problems.append(
             ConfigProblem(
                 "cookie",
                 "samesite",
-                "SameSite=None requires secure = true: browsers reject a SameSite=None "
-                "cookie without the Secure attribute",
+                "SameSite=None requires secure = true or auto: browsers reject a "
+                "SameSite=None cookie without the Secure attribute",
+            )
+        )
+    if cookie.get("samesite_legacy") and cookie.get("samesite") != "None":
+        problems.append(
+            ConfigProblem(
+                "cookie",
+                "samesite_legacy",
+                "the twin cookie without SameSite is only useful with samesite = None",
             )
         )
     for key in ("maxidle", "maxlife"):
@@ -1150,6 +1320,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         health=HealthConfig(**sections.get("health", {})),
         admin=AdminConfig(**sections.get("admin", {})),
         demo=demo,
+        engineio=EngineIOConfig(**sections.get("engineio", {})),
     )
 
 

@@ -10,13 +10,26 @@ then must not be stored by a shared cache.
 Parsing is deliberately as tolerant as HAProxy's: spaces and tabs around
 ``=`` and ``;`` are ignored, while names and values are compared exactly
 (case-sensitive; a quoted value keeps its quotes and so names no server).
+
+With ``samesite_legacy`` the cookie has a twin, ``NAME`` + ``legacy_suffix``,
+set alongside it without ``SameSite`` for clients that drop a
+``SameSite=None`` cookie; requests may carry either or both, and both count.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from stickyproxy.config import CookieConfig
 
-__all__ = ["extract", "is_own_set_cookie", "make_private", "set_cookie_value"]
+__all__ = [
+    "cookie_names",
+    "extract",
+    "is_own_set_cookie",
+    "make_private",
+    "set_cookie_value",
+    "set_cookie_values",
+]
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -29,23 +42,61 @@ def _split_pair(segment: bytes) -> tuple[bytes, bytes | None]:
     return name.strip(_OWS), value.strip(_OWS) if eq else None
 
 
-def extract(headers: Headers, name: str) -> tuple[list[str], Headers]:
-    """Find and remove every occurrence of cookie ``name`` in ``Cookie`` headers.
+def cookie_names(config: CookieConfig) -> tuple[str, ...]:
+    """The names under which a request may carry the persistence cookie.
+
+    The main name first, then the twin's when ``samesite_legacy`` is on. The
+    twin is read even when a response would not set it (plain HTTP under
+    ``secure = auto``): a client that got it over TLS still routes by it.
+    """
+    if config.samesite_legacy:
+        return (config.name, config.name + config.legacy_suffix)
+    return (config.name,)
+
+
+@lru_cache(maxsize=32)
+def _encoded(names: str | tuple[str, ...]) -> tuple[bytes, ...]:
+    """``names`` as the bytes compared on the wire, computed once per name set.
+
+    Called on every request with the same few arguments (one per
+    configuration): a ``str`` or a tuple is its own cache key, so a hit
+    allocates nothing.
+    """
+    if isinstance(names, str):
+        return (names.encode("utf-8"),)
+    return tuple(name.encode("utf-8") for name in names)
+
+
+def extract(headers: Headers, names: str | tuple[str, ...]) -> tuple[list[str], Headers]:
+    """Find and remove every occurrence of our cookie in ``Cookie`` headers.
 
     :param headers: the request's header lines as ``(name, value)`` bytes.
-    :param name: our cookie's name (case-sensitive, as RFC 6265 §5.4 compares).
-    :returns: the cookie's values in order of appearance, and the header list
-        without it. A ``Cookie`` header that does not contain our cookie is
-        kept unchanged; one that does is rebuilt from its other cookies,
-        each kept byte for byte and joined with ``"; "``, or dropped if
-        nothing is left. RFC 2109 attributes (``$Path``, ``$Domain``…)
-        following our cookie belong to it and go with it.
+    :param names: our cookie's name, or its names in order of precedence
+        (the main cookie, then its twin: :func:`cookie_names`); compared
+        case-sensitively, as RFC 6265 §5.4 does.
+    :returns: the cookie's values, and the header list without it. The
+        values of the first name come first, in order of appearance, then
+        those of the next name, and so on: a client holding both the main
+        cookie and its twin is routed by the main one. A ``Cookie`` header
+        that contains none of the names is kept unchanged; one that does is
+        rebuilt from its other cookies, each kept byte for byte and joined
+        with ``"; "``, or dropped if nothing is left. RFC 2109 attributes
+        (``$Path``, ``$Domain``…) following one of our cookies belong to it
+        and go with it.
     """
-    ours = name.encode("utf-8")
+    wanted = _encoded(names)
+    main = wanted[0]
+    others = wanted[1:]
     values: list[str] = []
+    # Values of the other names with their rank, only allocated when seen.
+    later: list[tuple[int, str]] | None = None
     result: Headers = []
     for header_name, header_value in headers:
-        if header_name.lower() != b"cookie" or ours not in header_value:
+        # Substring tests first: most Cookie headers hold none of our names.
+        if header_name.lower() != b"cookie" or (
+            main not in header_value
+            and not (others and any(name in header_value for name in others))
+        ):
             result.append((header_name, header_value))
             continue
         kept: list[bytes] = []
@@ -53,8 +104,13 @@ def extract(headers: Headers, name: str) -> tuple[list[str], Headers]:
         dropping = False
         for segment in header_value.split(b";"):
             pair_name, pair_value = _split_pair(segment)
-            if pair_name == ours and pair_value is not None:
-                values.append(pair_value.decode("latin-1"))
+            if pair_value is not None and pair_name in wanted:
+                if pair_name == main:
+                    values.append(pair_value.decode("latin-1"))
+                else:
+                    if later is None:
+                        later = []
+                    later.append((wanted.index(pair_name), pair_value.decode("latin-1")))
                 found = dropping = True
             elif dropping and pair_name.startswith(b"$"):
                 continue
@@ -67,42 +123,92 @@ def extract(headers: Headers, name: str) -> tuple[list[str], Headers]:
             result.append((header_name, header_value))
         elif kept:
             result.append((header_name, b"; ".join(kept)))
+    if later is not None:
+        # sorted() is stable: each name's values keep their order.
+        values.extend(value for _, value in sorted(later, key=lambda item: item[0]))
     return values, result
 
 
-def set_cookie_value(config: CookieConfig, value: str) -> bytes:
-    """Return the ``Set-Cookie`` field value that pins a client to ``value``.
+def _attributes(config: CookieConfig, tls: bool) -> tuple[list[str], bool]:
+    """The attributes shared by the cookie and its twin, and whether ``SameSite=None`` goes out.
 
-    Attributes come in HAProxy's order (path, domain, then flags) so that
-    responses look the same as behind HAProxy; ``Max-Age`` (RFC 6265 §5.2.2)
-    is only added when configured, otherwise the cookie lasts the browser
-    session, as HAProxy's inserted cookies do.
+    ``SameSite`` itself is not in the list: only the main cookie carries it.
     """
-    parts = [f"{config.name}={value}", f"path={config.path}"]
+    parts = [f"path={config.path}"]
     if config.domain:
         parts.append(f"domain={config.domain}")
     if config.max_age is not None:
         parts.append(f"Max-Age={int(config.max_age)}")
     if config.httponly:
         parts.append("HttpOnly")
-    if config.secure:
+    # ``secure`` is ``True``, ``False`` or ``"auto"``: a plain truth test
+    # would make "auto" mean always.
+    secure = config.secure is True or (config.secure == "auto" and tls)
+    if secure:
         parts.append("Secure")
-    if config.samesite:
-        parts.append(f"SameSite={config.samesite}")
-    return "; ".join(parts).encode("latin-1")
+    # Browsers ignore a ``SameSite=None`` cookie that lacks ``Secure``
+    # (RFC 6265bis: §5.6.7 defines the attribute, and its storage model drops
+    # such a cookie entirely; Chrome enforces this since version 80). Under
+    # ``secure = auto`` a cookie set over plain HTTP would so be lost, and
+    # the client re-pinned on every request. Without ``SameSite`` it is
+    # kept under the browser's default policy, the most a cookie set over
+    # plain HTTP can get.
+    return parts, secure and config.samesite == "None"
 
 
-def is_own_set_cookie(value: bytes, name: str) -> bool:
-    """Whether a backend's ``Set-Cookie`` field value sets our cookie ``name``.
+def set_cookie_value(config: CookieConfig, value: str, *, tls: bool = False) -> bytes:
+    """Return the ``Set-Cookie`` field value that pins a client to ``value``.
+
+    Attributes come in HAProxy's order (path, domain, then flags) so that
+    responses look the same as behind HAProxy; ``Max-Age`` (RFC 6265 §5.2.2)
+    is only added when configured, otherwise the cookie lasts the browser
+    session, as HAProxy's inserted cookies do.
+
+    :param tls: the client's connection is TLS; with ``secure = auto`` this
+        decides ``Secure``. ``SameSite=None`` is only ever sent together with
+        ``Secure``: without it the attribute is left out.
+    """
+    return set_cookie_values(config, value, tls=tls)[0]
+
+
+def set_cookie_values(config: CookieConfig, value: str, *, tls: bool = False) -> list[bytes]:
+    """Return every ``Set-Cookie`` field value that pins a client to ``value``.
+
+    One value, :func:`set_cookie_value`, unless the main cookie goes out
+    with ``SameSite=None`` and ``samesite_legacy`` is on: then a twin named
+    ``name + legacy_suffix`` follows with the same value and attributes
+    but no ``SameSite``. Some clients (iOS 12 Safari, Chrome 51-66) reject a
+    ``SameSite=None`` cookie or read it as ``Strict``; they keep the twin
+    and route by it, while current browsers send the main cookie cross-site.
+    When ``SameSite`` is left out anyway (plain HTTP under ``secure =
+    auto``), the one cookie already suits every client.
+    """
+    parts, samesite_none = _attributes(config, tls)
+    attributes = "; ".join(parts)
+    if not samesite_none:
+        if config.samesite and config.samesite != "None":
+            attributes += f"; SameSite={config.samesite}"
+        return [f"{config.name}={value}; {attributes}".encode("latin-1")]
+    main = f"{config.name}={value}; {attributes}; SameSite=None".encode("latin-1")
+    if not config.samesite_legacy:
+        return [main]
+    twin = f"{config.name}{config.legacy_suffix}={value}; {attributes}".encode("latin-1")
+    return [main, twin]
+
+
+def is_own_set_cookie(value: bytes, names: str | tuple[str, ...]) -> bool:
+    """Whether a backend's ``Set-Cookie`` field value sets our cookie.
+
+    :param names: our cookie's name, or its names (:func:`cookie_names`).
 
     The cookie name is the text before the first ``=`` of the first
     ``;``-separated part, with whitespace trimmed (RFC 6265 §5.2 steps 1-4).
-    Such a header is dropped: the proxy owns that cookie, as HAProxy's
-    ``insert`` mode does without ``preserve``.
+    Such a header is dropped: the proxy owns that cookie and its twin, as
+    HAProxy's ``insert`` mode does without ``preserve``.
     """
     pair = value.split(b";", 1)[0]
     pair_name, pair_value = _split_pair(pair)
-    return pair_value is not None and pair_name == name.encode("utf-8")
+    return pair_value is not None and pair_name in _encoded(names)
 
 
 def _split_directives(value: bytes) -> list[bytes]:

@@ -49,7 +49,11 @@ from stickyproxy.hashring import HAProxyRing, HashRing, Ring
 __all__ = ["Admin", "Decision", "Pool", "Server", "State", "Transition"]
 
 Admin = Literal["ready", "drain", "maint"]
-Reason = Literal["cookie", "cookie-unusable", "hash", "redispatch", "none"]
+#: Why a request went where it went. ``sid-*``: an engine.io session, found
+#: by the server tag in its sid, in the local sid table, or in the shared store.
+Reason = Literal[
+    "sid-tag", "sid-table", "sid-store", "cookie", "cookie-unusable", "hash", "redispatch", "none"
+]
 
 
 class State(enum.Enum):
@@ -268,6 +272,22 @@ class Pool:
         if server is None:
             return Decision(None, "none", set_cookie=False)
         return Decision(server, "cookie-unusable" if pinned_elsewhere else "hash", set_cookie=True)
+
+    def session(self, name: str, reason: Reason, cookie_values: Sequence[str]) -> Decision | None:
+        """Route to the server known to hold the request's session, if it can take it.
+
+        A session is pinned as firmly as a cookie: a draining server keeps
+        it, a server down or in maintenance has lost it anyway (the caller
+        then routes as if the session were unknown). The response sets the
+        cookie unless the client already has the right one.
+
+        :param name: the server holding the session.
+        :param reason: how it was found (``sid-tag``, ``sid-table``, ``sid-store``).
+        """
+        server = self.servers.get(name)
+        if server is None or not server.accepts_pinned:
+            return None
+        return Decision(server, reason, set_cookie=server.cookie not in cookie_values)
 
     def redispatch(self, key: bytes, exclude: Collection[str]) -> Decision:
         """Pick another server after ``exclude`` failed to take the request."""

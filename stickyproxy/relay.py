@@ -25,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl
 
 from twisted.internet import tcp
@@ -35,6 +35,7 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IProtocol,
     IPushProducer,
+    ISSLTransport,
 )
 from twisted.internet.protocol import ClientFactory, Factory
 from twisted.logger import Logger
@@ -43,6 +44,9 @@ from zope.interface import implementer
 
 from stickyproxy.accesslog import RequestRecord, TunnelRecord, as_json, request_line, tunnel_line
 from stickyproxy.cookietoken import CookieSigner, Verified
+from stickyproxy.eiopayload import UnknownSession, UnknownSessionSniffer, redact
+from stickyproxy.eiorouting import EngineRouter, HandshakeCapture, SessionRoute
+from stickyproxy.engineio import SidError
 from stickyproxy.errors import ProtocolError, ProxyHeaderError
 from stickyproxy.hashring import address_key, text_key
 from stickyproxy.httphead import (
@@ -61,6 +65,7 @@ from stickyproxy.stats import Counters, Stats
 from stickyproxy.wsframes import GOING_AWAY, FrameTracker, close_frame
 
 if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
     from twisted.internet.interfaces import IAddress
 
     from stickyproxy.config import Config, IPNetwork
@@ -161,6 +166,26 @@ def _signer(config: Config) -> CookieSigner | None:
     )
 
 
+class SessionStore(Protocol):
+    """A table of engine.io sessions shared by a fleet of proxies.
+
+    Every operation is bounded in time and never fails: a store that is
+    down answers at once, with None or False (see :mod:`stickyproxy.sidstore`).
+    """
+
+    def get(self, sid: str) -> Deferred[str | None]: ...
+
+    def put(self, sid: str, server: str, ttl: float) -> Deferred[bool]: ...
+
+    def touch(self, sid: str, ttl: float) -> None: ...
+
+    def forget(self, sid: str) -> None: ...
+
+
+#: How often idle engine.io sessions are swept while any are known.
+_EXPIRY_INTERVAL = 5.0
+
+
 class ProxyContext:
     """What every connection of one proxy shares: settings, servers, clock."""
 
@@ -170,6 +195,10 @@ class ProxyContext:
         self.reactor = reactor
         self.options = _forward_options(config)
         self.signer = _signer(config)
+        self.engine = EngineRouter(config.engineio, config.servers)
+        #: The shared session table of a fleet, when ``[engineio] sid_store`` is set.
+        self.store: SessionStore | None = None
+        self._expiry: IDelayedCall | None = None
         self.connections: set[Frontend] = set()
         self.on_count_change: Callable[[int], None] | None = None
         # Requests waiting for a server at its maxconn (HAProxy's queues): one
@@ -184,8 +213,32 @@ class ProxyContext:
         self.pool = pool
         self.options = _forward_options(config)
         self.signer = _signer(config)
+        self.engine.reconfigure(config.engineio, config.servers)
         for name in pool.servers:
             self.queues.setdefault(name, deque())
+
+    def sessions_learned(self) -> None:
+        """Sweep idle engine.io sessions from now on, while any are known.
+
+        No timer runs for a proxy that never sees engine.io traffic; with
+        traffic, abandoned handshakes are forgotten within their lifetime
+        plus one sweep interval even when nothing else happens.
+        """
+        if self._expiry is None:
+            self._expiry = self.reactor.callLater(_EXPIRY_INTERVAL, self._expire_sessions)
+
+    def _expire_sessions(self) -> None:
+        self._expiry = None
+        table = self.engine.table
+        table.expire(self.reactor.seconds())
+        if len(table):
+            self.sessions_learned()
+
+    def stop_timers(self) -> None:
+        """Cancel the session sweep (the proxy stops)."""
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
 
     def release(self, server: Server) -> None:
         """A request on ``server`` ended: give its slot to a waiting one.
@@ -284,6 +337,7 @@ class Frontend:
     __slots__ = (
         "_backend",
         "_body",
+        "_capture",
         "_client_eof",
         "_close_after",
         "_closed_by",
@@ -292,6 +346,7 @@ class Frontend:
         "_ctx",
         "_deadline",
         "_decision",
+        "_engine_route",
         "_exclude",
         "_first",
         "_flushed_in",
@@ -315,6 +370,7 @@ class Frontend:
         "_retries_left",
         "_reused",
         "_server_eof",
+        "_sniffer",
         "_state",
         "_status",
         "_t_head",
@@ -325,7 +381,9 @@ class Frontend:
         "_throttle",
         "_timer",
         "_timer_kind",
+        "_tls",
         "_tokens",
+        "_trusted",
         "_tunnel_server",
         "client_ip",
         "client_port",
@@ -385,6 +443,15 @@ class Frontend:
         self._tunnel_server: Server | None = None
         self._frames: FrameTracker | None = None
         self._going_away = 0
+        # engine.io: the current request's session, a handshake response
+        # being held, a watch for "unknown session" answers.
+        self._engine_route: SessionRoute | None = None
+        self._capture: HandshakeCapture | None = None
+        self._sniffer: UnknownSessionSniffer | None = None
+        # The client's connection is TLS: a TLS listener, or a trusted
+        # balancer that says so (PROXY v2 SSL TLV, X-Forwarded-Proto).
+        self._tls = False
+        self._trusted = False
 
     # -- connection set-up -------------------------------------------------
 
@@ -402,7 +469,8 @@ class Frontend:
         self.client_ip, self.client_port = host_port(self.transport.getPeer())
         cfg = ctx.config.proxy
         mode = cfg.proxy_protocol
-        trusted = _is_trusted(self.client_ip, cfg.trusted_proxies)
+        trusted = self._trusted = _is_trusted(self.client_ip, cfg.trusted_proxies)
+        self._tls = ISSLTransport.providedBy(self.transport)
         if mode == "required" and not trusted:
             log.info("{client}: not a trusted proxy, connection closed", client=self.peer_text())
             self._abort()
@@ -543,6 +611,8 @@ class Frontend:
         info, rest = result
         self._proxy_parser = None
         self.proxy_info = info
+        if info is not None and info.ssl:
+            self._tls = True
         if info is not None and not info.local and info.source is not None:
             self.client_ip, self.client_port = info.source
         self._state = _IDLE
@@ -586,6 +656,8 @@ class Frontend:
         self._status = 0
         self._out_mark = self._out
         self._response_started = False
+        self._capture = None
+        self._sniffer = None
         self._close_after = head.close_after or not head.keep_alive
         body = BodyReader(head.framing) if head.framing.kind != "none" else None
         self._body = body
@@ -600,8 +672,64 @@ class Frontend:
             self._tokens = signer.verify_all(values, self._t_request)
             values = [token.server_cookie for token in self._tokens]
         self._cookie_values = values
+        route = None
+        if ctx.engine.prefix:
+            try:
+                route = ctx.engine.inspect(head, self._t_request)
+            except SidError as e:
+                # Servers disagree on which of two sids wins: routing by
+                # either could send the request to the wrong session.
+                self._engine_route = None
+                self._request_bytes = b""
+                self._fail(400, e.reason)
+                return
+        self._engine_route = route
         self._request_bytes = head.serialize()
-        self._route(ctx.pool.choose(values, self._hash_key()))
+        if route is not None and route.sid is not None and route.server is None:
+            store = ctx.store
+            if store is not None:
+                # Another proxy of the fleet may have seen the handshake.
+                self._throttle.pause(Throttle.WAITING)
+                store.get(route.sid).addCallback(self._stored_session, head)
+                return
+        self._route(self._decide())
+
+    def _decide(self) -> Decision:
+        """Route the current request: its session first, then cookie and hash."""
+        ctx = self._ctx
+        route = self._engine_route
+        if route is not None and route.server is not None and route.reason is not None:
+            decision = ctx.pool.session(route.server, route.reason, self._cookie_values)
+            if decision is not None:
+                self._sync_session(route)
+                return decision
+            # The server holding the session is down or gone, and the
+            # session with it: the new server will say so and the client
+            # will start a new session.
+            if route.sid is not None:
+                ctx.engine.table.forget(route.sid)
+        return ctx.pool.choose(self._cookie_values, self._hash_key())
+
+    def _sync_session(self, route: SessionRoute) -> None:
+        """Keep a session's copy in the shared store from expiring while polls last."""
+        store = self._ctx.store
+        if store is None or route.sid is None or route.reason == "sid-tag":
+            return
+        ttl = self._ctx.engine.table.sync_due(route.sid, self._t_request)
+        if ttl is not None:
+            store.touch(route.sid, ttl)
+
+    def _stored_session(self, server: str | None, head: RequestHead) -> None:
+        """The shared store answered for the current request's session."""
+        route = self._engine_route
+        if self._state != _EXCHANGE or self._request is not head or route is None:
+            return
+        if server is not None and route.sid is not None:
+            route.server, route.reason = server, "sid-store"
+            # Later requests of the session on this proxy need no store.
+            self._ctx.engine.learn_stored(route.sid, server, self._ctx.reactor.seconds())
+            self._ctx.sessions_learned()
+        self._route(self._decide())
 
     def _hash_key(self) -> bytes:
         """The bytes that place a client without a valid cookie."""
@@ -669,7 +797,7 @@ class Frontend:
             return
         self.queued = False
         self._timer_kind = _T_NONE
-        self._route(self._ctx.pool.choose(self._cookie_values, self._hash_key()))
+        self._route(self._decide())
 
     def _connect(self, server: Server) -> None:
         # Read nothing more from the client until there is somewhere to send
@@ -809,21 +937,60 @@ class Frontend:
             close = True
         server = backend.server
         insert = self._cookie_to_set(server, decision)
+        ctx = self._ctx
         prepare_response(
-            head, self._ctx.options, insert_value=insert, close=close and status != 101
+            head,
+            ctx.options,
+            insert_value=insert,
+            close=close and status != 101,
+            tls=insert is not None and self._client_tls(request),
         )
+        decision_header = ctx.config.proxy.decision_header
+        if decision_header:
+            head.add(
+                decision_header.encode("ascii"),
+                f"{decision.reason}; server={server.name}".encode("ascii"),
+            )
         self._response_started = True
         self._close_after = close
-        self._t_response = self._ctx.reactor.seconds()
+        self._t_response = ctx.reactor.seconds()
         self._status = status
         self._count_response(server, decision, status)
         if status == 101:
             relay_write(self.transport, head.serialize())
             self._start_tunnel(backend)
-        else:
-            # The head leaves together with the body bytes already read, in
-            # one write: one segment instead of two for small responses.
-            backend.start_body(framing, head.serialize())
+            return
+        route = self._engine_route
+        if route is not None:
+            chunked = framing.kind == "chunked"
+            if framing.kind in ("length", "chunked") and ctx.engine.capture_for(route, head):
+                # Hold the handshake until the session is learned (and stored).
+                self._capture = HandshakeCapture(head, chunked=chunked)
+                backend.start_body(framing, b"")
+                return
+            if route.sid is not None:
+                sniffer = UnknownSessionSniffer.for_response(head, chunked=chunked)
+                if sniffer is not None:
+                    # The sniffer reads the body alone: the head goes first.
+                    self._sniffer = sniffer
+                    data = head.serialize()
+                    self._out += len(data)
+                    relay_write(self.transport, data)
+                    backend.start_body(framing, b"")
+                    return
+        # The head leaves together with the body bytes already read, in
+        # one write: one segment instead of two for small responses.
+        backend.start_body(framing, head.serialize())
+
+    def _client_tls(self, request: RequestHead) -> bool:
+        """Whether the client reached the balancer over TLS (``secure = auto``)."""
+        if self._tls:
+            return True
+        return (
+            self._trusted
+            and self._ctx.config.proxy.trust_forwarded_proto
+            and (request.get(b"x-forwarded-proto") or b"").strip().lower() == b"https"
+        )
 
     def _cookie_to_set(self, server: Server, decision: Decision) -> str | None:
         """The persistence-cookie value the response must carry, if any."""
@@ -852,6 +1019,10 @@ class Frontend:
             reason = decision.reason
             if reason == "cookie":
                 counters.cookie_hits += 1
+            elif reason[0] == "s":  # sid-tag, sid-table, sid-store
+                counters.sid_routed += 1
+                if decision.set_cookie:
+                    counters.cookie_inserts += 1
             elif decision.set_cookie:
                 counters.cookie_inserts += 1
                 if reason == "cookie-unusable":
@@ -879,11 +1050,94 @@ class Frontend:
     def response_body(self, data: bytes) -> None:
         """Part of a response body, already framed: forward it."""
         self._last = self._ctx.reactor.seconds()
+        capture = self._capture
+        if capture is not None:
+            if capture.feed(data):
+                return
+            # Too big for a handshake: relay it as it came.
+            self._capture = None
+            data = capture.head.serialize() + bytes(capture.raw)
+        sniffer = self._sniffer
+        if sniffer is not None:
+            sniffer.feed(data)
         self._out += len(data)
         relay_write(self.transport, data)
 
     def response_done(self, reusable: bool) -> None:
-        """The whole response has been relayed."""
+        """The whole response has been read from the backend."""
+        capture = self._capture
+        if capture is not None:
+            self._capture = None
+            self._release_handshake(capture, reusable)
+            return
+        sniffer = self._sniffer
+        if sniffer is not None:
+            self._sniffer = None
+            kind = sniffer.verdict()
+            if kind is not None:
+                self._unknown_session(kind)
+        self._response_relayed(reusable)
+
+    def _release_handshake(self, capture: HandshakeCapture, reusable: bool) -> None:
+        """Learn the session a handshake opens, then relay the handshake."""
+        ctx = self._ctx
+        engine = ctx.engine
+        backend = self._backend
+        route = self._engine_route
+        assert backend is not None and route is not None
+        server = backend.server.name
+        handshake = capture.handshake(engine.config.sid_cookie)
+        if handshake is None:
+            data, tagged = capture.output(None, route.request.eio)
+        else:
+            data, tagged = capture.output(engine.tag_of(server), route.request.eio)
+            ttl = engine.learn(handshake, server, ctx.reactor.seconds())
+            ctx.sessions_learned()
+            if tagged:
+                engine.tagged += 1
+            elif ctx.store is not None:
+                # The client's first poll may reach another proxy of the
+                # fleet: the session must be in the store before it can.
+                wait = ctx.store.put(handshake.sid, server, ttl)
+                wait.addCallback(lambda _: self._send_held(backend, data, reusable))
+                return
+        self._send_held(backend, data, reusable)
+
+    def _send_held(self, backend: Backend, data: bytes, reusable: bool) -> None:
+        if self._backend is not backend or self._state != _EXCHANGE:
+            return  # the client went away meanwhile
+        self._out += len(data)
+        relay_write(self.transport, data)
+        self._response_relayed(reusable)
+
+    def _unknown_session(self, kind: UnknownSession) -> None:
+        """A backend said it holds no such session: count it, and forget it."""
+        ctx = self._ctx
+        decision = self._decision
+        backend = self._backend
+        route = self._engine_route
+        assert decision is not None and backend is not None and route is not None
+        reason = decision.reason
+        for counters in (ctx.stats.frontend, ctx.stats.server(backend.server.name)):
+            key = (reason, kind)
+            counters.unknown_sessions[key] = counters.unknown_sessions.get(key, 0) + 1
+        sid = route.sid or ""
+        # Under sid routing the session expired on its server; under cookie
+        # or hash routing the request probably reached the wrong server.
+        log.info(
+            "{client}: {server} does not know session {sid} ({kind}) routed by {reason}",
+            client=self.peer_text(),
+            server=backend.server.name,
+            sid=redact(sid),
+            kind=kind,
+            reason=reason,
+        )
+        if reason.startswith("sid-") and sid:
+            ctx.engine.table.forget(sid)
+            if ctx.store is not None:
+                ctx.store.forget(sid)
+
+    def _response_relayed(self, reusable: bool) -> None:
         backend = self._backend
         assert backend is not None
         self.flush_bytes()
@@ -903,6 +1157,7 @@ class Frontend:
         """Go back to waiting for a request on a keep-alive connection."""
         self._request = None
         self._decision = None
+        self._engine_route = None
         self._body = None
         self._state = _IDLE
         self._arm(self._ctx.config.proxy.timeout_http_keep_alive, _T_KEEPALIVE)

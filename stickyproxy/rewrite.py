@@ -7,7 +7,7 @@ other byte as it came.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stickyproxy import cookies
 from stickyproxy.config import CookieConfig
@@ -27,6 +27,13 @@ class ForwardOptions:
     cookie: CookieConfig
     forwarded_for: bool = True
     proxy_tlv_headers: bool = False
+    #: The persistence cookie's names (:func:`stickyproxy.cookies.cookie_names`),
+    #: computed once here rather than on every request.
+    cookie_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # A frozen dataclass sets derived fields through object.__setattr__.
+        object.__setattr__(self, "cookie_names", cookies.cookie_names(self.cookie))
 
 
 def prepare_request(
@@ -38,11 +45,12 @@ def prepare_request(
     """Rewrite a request head in place for the backend.
 
     Returns the values of the persistence cookie the client presented, in
-    order, for the caller to route on.
+    order, for the caller to route on: those of the main cookie, then those
+    of its twin (``samesite_legacy``), which counts the same.
 
-    - With ``indirect``, the persistence cookie is removed from ``Cookie``
-      byte-exactly and the other cookies are kept (HAProxy ``insert indirect``);
-      a ``Cookie`` header left empty disappears.
+    - With ``indirect``, the persistence cookie and its twin are removed from
+      ``Cookie`` byte-exactly and the other cookies are kept (HAProxy
+      ``insert indirect``); a ``Cookie`` header left empty disappears.
     - Hop-by-hop headers are removed (RFC 9110 §7.6.1), except the pair a
       WebSocket upgrade needs (RFC 6455 §4.1).
     - ``X-Forwarded-For`` is replaced by the client address the connection
@@ -52,7 +60,10 @@ def prepare_request(
       the client asked for) and UNIQUE_ID TLVs become ``X-Proxy-Authority`` and
       ``X-Unique-ID``; headers of those names from the client are dropped.
     """
-    values, stripped = cookies.extract(head.headers, options.cookie.name)
+    names = options.cookie_names
+    # One name is passed as a plain string: the common case stays the
+    # single-cookie scan.
+    values, stripped = cookies.extract(head.headers, names[0] if len(names) == 1 else names)
     if options.cookie.indirect:
         head.headers = stripped
     strip_hop_by_hop(head, keep_upgrade=head.is_websocket_upgrade)
@@ -82,33 +93,40 @@ def prepare_response(
     *,
     insert_value: str | None,
     close: bool,
+    tls: bool = False,
 ) -> None:
     """Rewrite a response head in place for the client.
 
     :param insert_value: the cookie value to set (the client had no valid
         cookie for the server that answered), or ``None``.
     :param close: the proxy closes the client connection after this response.
+    :param tls: the client's connection is TLS (a TLS listener, the PROXY v2
+        SSL TLV, or a trusted ``X-Forwarded-Proto: https``); with
+        ``secure = auto`` it decides ``Secure``, and with it ``SameSite=None``
+        and the twin cookie (:func:`stickyproxy.cookies.set_cookie_values`).
 
-    A backend's own ``Set-Cookie`` for the persistence cookie is dropped, as
-    HAProxy's ``insert`` mode does without ``preserve``: the proxy alone
-    decides where a client is pinned. Every status gets the cookie, 101 and
-    4xx included, so stickiness is set up during a WebSocket handshake.
+    A backend's own ``Set-Cookie`` for the persistence cookie or its twin is
+    dropped, as HAProxy's ``insert`` mode does without ``preserve``: the
+    proxy alone decides where a client is pinned. Every status gets the
+    cookie, 101 and 4xx included, so stickiness is set up during a WebSocket
+    handshake.
 
     ``nocache``: a response that carries the inserted cookie is marked
     ``private`` (RFC 9111 §5.2.2.7) whatever its cacheability, so a shared
     cache can never hand one client's pin to another. HAProxy only does this
     for responses it judges cacheable, which skips the typical dynamic page.
     """
-    name = options.cookie.name
+    names = options.cookie_names
     if head.get(_SET_COOKIE) is not None:
         head.headers = [
             (n, v)
             for n, v in head.headers
-            if n.lower() != _SET_COOKIE or not cookies.is_own_set_cookie(v, name)
+            if n.lower() != _SET_COOKIE or not cookies.is_own_set_cookie(v, names)
         ]
     strip_hop_by_hop(head, keep_upgrade=head.status == 101)
     if insert_value is not None:
-        head.add(b"Set-Cookie", cookies.set_cookie_value(options.cookie, insert_value))
+        for value in cookies.set_cookie_values(options.cookie, insert_value, tls=tls):
+            head.add(b"Set-Cookie", value)
         if options.cookie.nocache and head.status >= 200:
             head.headers = cookies.make_private(head.headers)
     if close:

@@ -169,7 +169,29 @@ class StickyProxy:
             servers.append(entry)
         frontend = stats.frontend.as_dict()
         frontend["connections"] = len(self.context.connections)
-        return {"servers": servers, "frontend": frontend}
+        return {"servers": servers, "frontend": frontend, "engineio": self._engine_snapshot()}
+
+    def _engine_snapshot(self) -> dict[str, Any]:
+        engine = self.context.engine
+        table = engine.table
+        result: dict[str, Any] = {
+            "path": self.config.engineio.path,
+            "sid_tag": self.config.engineio.sid_tag,
+            "sessions": len(table),
+            "max_sessions": table.max_entries,
+            "learned": engine.learned,
+            "tagged": engine.tagged,
+            "expired": table.expired,
+            "evicted": table.evicted,
+            "store": None,
+        }
+        store = self.context.store
+        if store is not None:
+            result["store"] = {
+                key: getattr(store, key, 0)
+                for key in ("connected", "hits", "misses", "writes", "errors", "timeouts")
+            }
+        return result
 
     def _free_slots(self) -> int:
         return self.config.proxy.maxconn - len(self.context.connections)

@@ -37,12 +37,14 @@ _LEARN_SWEEP: Final = 4
 
 
 class _Entry:
-    __slots__ = ("last_seen", "server", "ttl")
+    __slots__ = ("last_seen", "server", "synced", "ttl")
 
     def __init__(self, server: str, ttl: float, last_seen: float) -> None:
         self.server = server
         self.ttl = ttl
         self.last_seen = last_seen
+        # When the entry's lifetime was last extended in a shared store.
+        self.synced = last_seen
 
 
 class SidTable:
@@ -140,6 +142,25 @@ class SidTable:
         :returns: whether it was known.
         """
         return self._remove(sid)
+
+    def servers(self) -> set[str]:
+        """The servers that hold at least one known session. O(entries)."""
+        return {entry.server for entry in self._lru.values()}
+
+    def sync_due(self, sid: str, now: float) -> float | None:
+        """Whether a shared copy of ``sid``'s entry should be extended now.
+
+        Polls keep the local entry alive; a copy elsewhere (a shared store
+        with its own expiry) needs extending too, but not on every poll:
+        once per third of the lifetime is enough to keep it from expiring.
+
+        :returns: the lifetime to set, or None when no extension is due.
+        """
+        entry = self._lru.get(sid)
+        if entry is None or now - entry.synced < entry.ttl / 3:
+            return None
+        entry.synced = now
+        return entry.ttl
 
     def forget_server(self, server: str) -> int:
         """Drop every session of ``server`` (a server removed from the pool).

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 _CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 #: Routing decisions, as :class:`stickyproxy.pool.Decision` names them.
-DECISIONS = ("cookie", "cookie-unusable", "hash", "redispatch")
+DECISIONS = ("sid-tag", "sid-table", "sid-store", "cookie", "cookie-unusable", "hash", "redispatch")
 
 
 @dataclass(slots=True, eq=False)
@@ -31,6 +31,9 @@ class Counters:
     redispatches: int = 0
     connect_errors: int = 0
     queue_timeouts: int = 0
+    sid_routed: int = 0  # routed by an engine.io session id
+    #: engine.io "unknown session" answers, by (routing decision, kind of answer).
+    unknown_sessions: dict[tuple[str, str], int] = field(default_factory=dict)
     responses: dict[str, int] = field(
         default_factory=lambda: {"1xx": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0, "other": 0}
     )
@@ -38,6 +41,13 @@ class Counters:
     def response(self, status: int) -> None:
         """Count one response by its class."""
         self.responses[_CLASSES[status // 100] if 100 <= status <= 599 else "other"] += 1
+
+    def unknown_sessions_by_decision(self) -> dict[str, dict[str, int]]:
+        """``{decision: {kind: count}}``: which routing led to which answer."""
+        result: dict[str, dict[str, int]] = {}
+        for (decision, kind), count in sorted(self.unknown_sessions.items()):
+            result.setdefault(decision, {})[kind] = count
+        return result
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -52,6 +62,8 @@ class Counters:
             "redispatches": self.redispatches,
             "connect_errors": self.connect_errors,
             "queue_timeouts": self.queue_timeouts,
+            "sid_routed": self.sid_routed,
+            "unknown_sessions": self.unknown_sessions_by_decision(),
             "responses": dict(self.responses),
         }
 

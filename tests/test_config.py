@@ -17,6 +17,7 @@ from stickyproxy.config import (
     Config,
     CookieConfig,
     DemoConfig,
+    EngineIOConfig,
     HealthConfig,
     ProxyConfig,
     ServerConfig,
@@ -97,6 +98,7 @@ def test_production_example_sets_every_key_of_every_section() -> None:
         ("health", HealthConfig),
         ("admin", AdminConfig),
         ("demo", DemoConfig),
+        ("engineio", EngineIOConfig),
     ]:
         body = text.split(f"[{section}]\n", 1)[1].split("\n[", 1)[0]
         keys = {line.split("=")[0].strip() for line in body.splitlines() if "=" in line}

@@ -7,9 +7,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stickyproxy.config import CookieConfig
-from stickyproxy.cookies import extract, is_own_set_cookie, make_private, set_cookie_value
+from stickyproxy.cookies import (
+    cookie_names,
+    extract,
+    is_own_set_cookie,
+    make_private,
+    set_cookie_value,
+    set_cookie_values,
+)
 
 NAME = "storify_editor_host"
+TWIN = NAME + "_legacy"
+BOTH = (NAME, TWIN)
 
 
 class TestExtract:
@@ -170,6 +179,230 @@ class TestSetCookie:
     def test_recognises_the_backends_own_set_cookie(self, value: bytes, ours: bool) -> None:
         """Case 35."""
         assert is_own_set_cookie(value, NAME) is ours
+
+
+class TestSecureAuto:
+    """``secure = auto``: Secure follows the client connection's TLS."""
+
+    def test_auto_adds_secure_over_tls(self) -> None:
+        config = CookieConfig(secure="auto")
+        assert set_cookie_value(config, "s1", tls=True) == (
+            b"storify_editor_host=s1; path=/; Secure"
+        )
+
+    def test_auto_is_not_secure_over_plain_http(self) -> None:
+        """``"auto"`` is a true value in Python; it must not mean always."""
+        config = CookieConfig(secure="auto")
+        assert set_cookie_value(config, "s1", tls=False) == b"storify_editor_host=s1; path=/"
+        assert set_cookie_value(config, "s1") == b"storify_editor_host=s1; path=/"
+
+    @pytest.mark.parametrize("tls", [False, True])
+    def test_secure_true_and_false_ignore_the_connection(self, tls: bool) -> None:
+        assert set_cookie_value(CookieConfig(secure=True), "s1", tls=tls).endswith(b"; Secure")
+        assert b"Secure" not in set_cookie_value(CookieConfig(secure=False), "s1", tls=tls)
+
+    def test_auto_over_tls_sends_samesite_none_after_secure(self) -> None:
+        config = CookieConfig(secure="auto", samesite="None", httponly=True)
+        assert set_cookie_value(config, "s1", tls=True) == (
+            b"storify_editor_host=s1; path=/; HttpOnly; Secure; SameSite=None"
+        )
+
+    def test_auto_over_plain_http_leaves_samesite_none_out_entirely(self) -> None:
+        """Browsers drop a SameSite=None cookie without Secure; without SameSite it stays."""
+        config = CookieConfig(secure="auto", samesite="None", httponly=True)
+        assert set_cookie_value(config, "s1", tls=False) == (
+            b"storify_editor_host=s1; path=/; HttpOnly"
+        )
+
+    @pytest.mark.parametrize("samesite", ["Lax", "Strict"])
+    def test_lax_and_strict_go_out_over_plain_http_too(self, samesite: str) -> None:
+        config = CookieConfig(secure="auto", samesite=samesite)  # type: ignore[arg-type]
+        assert set_cookie_value(config, "s1", tls=False) == (
+            f"storify_editor_host=s1; path=/; SameSite={samesite}".encode()
+        )
+        assert set_cookie_value(config, "s1", tls=True) == (
+            f"storify_editor_host=s1; path=/; Secure; SameSite={samesite}".encode()
+        )
+
+    def test_samesite_none_is_never_sent_without_secure(self) -> None:
+        """Configuration validation refuses this; the core stays safe anyway."""
+        config = CookieConfig(secure=False, samesite="None")
+        assert set_cookie_value(config, "s1", tls=True) == b"storify_editor_host=s1; path=/"
+
+
+LEGACY = CookieConfig(secure="auto", samesite="None", samesite_legacy=True)
+
+
+class TestTwinCookie:
+    """``samesite_legacy``: a twin without SameSite for clients that drop ``None``."""
+
+    def test_names_are_the_main_one_then_the_twin(self) -> None:
+        assert cookie_names(LEGACY) == BOTH
+        assert cookie_names(CookieConfig(samesite_legacy=True, legacy_suffix="-old")) == (
+            NAME,
+            NAME + "-old",
+        )
+
+    def test_without_samesite_legacy_there_is_one_name(self) -> None:
+        assert cookie_names(CookieConfig(secure=True, samesite="None")) == (NAME,)
+
+    def test_over_tls_the_twin_follows_the_main_cookie(self) -> None:
+        assert set_cookie_values(LEGACY, "s2", tls=True) == [
+            b"storify_editor_host=s2; path=/; Secure; SameSite=None",
+            b"storify_editor_host_legacy=s2; path=/; Secure",
+        ]
+
+    def test_the_twin_copies_every_attribute_but_samesite(self) -> None:
+        config = CookieConfig(
+            name="SRV",
+            secure=True,
+            samesite="None",
+            samesite_legacy=True,
+            legacy_suffix="_old",
+            domain=".example.com",
+            max_age=60.0,
+            httponly=True,
+        )
+        assert set_cookie_values(config, "s1") == [
+            b"SRV=s1; path=/; domain=.example.com; Max-Age=60; HttpOnly; Secure; SameSite=None",
+            b"SRV_old=s1; path=/; domain=.example.com; Max-Age=60; HttpOnly; Secure",
+        ]
+
+    def test_over_plain_http_under_auto_one_cookie_without_samesite_is_enough(self) -> None:
+        assert set_cookie_values(LEGACY, "s2", tls=False) == [b"storify_editor_host=s2; path=/"]
+
+    def test_without_samesite_legacy_there_is_no_twin(self) -> None:
+        config = CookieConfig(secure=True, samesite="None")
+        assert set_cookie_values(config, "s2") == [
+            b"storify_editor_host=s2; path=/; Secure; SameSite=None"
+        ]
+
+    @pytest.mark.parametrize("tls", [False, True])
+    def test_set_cookie_value_is_the_main_cookie(self, tls: bool) -> None:
+        assert (
+            set_cookie_value(LEGACY, "s3", tls=tls) == set_cookie_values(LEGACY, "s3", tls=tls)[0]
+        )
+
+    def test_a_request_with_only_the_twin_yields_its_value(self) -> None:
+        headers = [(b"Cookie", b"a=1; storify_editor_host_legacy=s2; b=2")]
+        assert extract(headers, BOTH) == (["s2"], [(b"Cookie", b"a=1; b=2")])
+
+    def test_main_values_come_first_whatever_the_order_in_the_header(self) -> None:
+        headers = [
+            (b"Cookie", b"storify_editor_host_legacy=s1; storify_editor_host=s2"),
+            (b"Cookie", b"storify_editor_host=s3;storify_editor_host_legacy=s4"),
+        ]
+        assert extract(headers, BOTH) == (["s2", "s3", "s1", "s4"], [])
+
+    def test_both_are_stripped_byte_exactly_and_others_kept(self) -> None:
+        headers = [
+            (b"Host", b"h"),
+            (b"Cookie", b'a=1;storify_editor_host = s1 ;b="x y"\t;\tstorify_editor_host_legacy=s1'),
+            (b"Accept", b"*/*"),
+            (b"Cookie", b"io=abc;  c=3"),
+        ]
+        assert extract(headers, BOTH) == (
+            ["s1", "s1"],
+            [
+                (b"Host", b"h"),
+                (b"Cookie", b'a=1; b="x y"'),
+                (b"Accept", b"*/*"),
+                (b"Cookie", b"io=abc;  c=3"),
+            ],
+        )
+
+    def test_rfc2109_attributes_go_with_the_twin(self) -> None:
+        headers = [(b"Cookie", b'storify_editor_host_legacy=s1; $Path="/"; a=1')]
+        assert extract(headers, BOTH) == (["s1"], [(b"Cookie", b"a=1")])
+
+    @pytest.mark.parametrize(
+        "other", [b"storify_editor_host_legacyx", b"storify_editor_host_legac", b"x_legacy"]
+    )
+    def test_names_that_resemble_the_twin_are_not_ours(self, other: bytes) -> None:
+        headers = [(b"Cookie", other + b"=s1; storify_editor_host_legacy=s2")]
+        assert extract(headers, BOTH) == (["s2"], [(b"Cookie", other + b"=s1")])
+
+    def test_one_name_reads_no_twin(self) -> None:
+        headers = [(b"Cookie", b"storify_editor_host_legacy=s2")]
+        assert extract(headers, NAME) == ([], headers)
+
+    @pytest.mark.parametrize(
+        ("value", "ours"),
+        [
+            (b"storify_editor_host_legacy=fromapp; Path=/", True),
+            (b"storify_editor_host=fromapp", True),
+            (b"storify_editor_host_legacyx=1", False),
+            (b"storify_editor_host_legacy", False),
+        ],
+    )
+    def test_recognises_the_backends_set_cookie_for_either_name(
+        self, value: bytes, ours: bool
+    ) -> None:
+        assert is_own_set_cookie(value, BOTH) is ours
+
+    def test_one_name_does_not_claim_the_twins_set_cookie(self) -> None:
+        assert not is_own_set_cookie(b"storify_editor_host_legacy=1", NAME)
+
+
+twin_other_names = other_names.filter(lambda n: n != TWIN)
+ours_names = st.sampled_from(BOTH)
+header_names = st.sampled_from([b"Host", b"Accept", b"X-Cookie", b"Cookie2"])
+
+
+@st.composite
+def twin_requests(
+    draw: st.DrawFn,
+) -> tuple[list[tuple[bytes, bytes]], list[tuple[str, str]], list[list[tuple[str, str]]]]:
+    """Request headers whose Cookie headers mix both our names with other cookies.
+
+    :returns: the headers, every cookie pair in order of appearance, and
+        each Cookie header's pairs (for the expected result).
+    """
+    pairs = draw(
+        st.lists(
+            st.one_of(st.tuples(twin_other_names, values), st.tuples(ours_names, values)),
+            max_size=10,
+        )
+    )
+    cuts = sorted(draw(st.lists(st.integers(0, len(pairs)), max_size=2)))
+    groups = [pairs[a:b] for a, b in zip([0, *cuts], [*cuts, len(pairs)], strict=True)]
+    headers: list[tuple[bytes, bytes]] = []
+    for group in groups:
+        if draw(st.booleans()):
+            headers.append((draw(header_names), b"v"))
+        text = ""
+        for index, (name, value) in enumerate(group):
+            if index:
+                text += draw(separators)
+            text += f"{name}={value}"
+        headers.append((draw(st.sampled_from([b"Cookie", b"cookie"])), text.encode()))
+    return headers, pairs, groups
+
+
+class TestExtractTwinProperties:
+    @given(twin_requests())
+    def test_both_names_always_gone_every_other_pair_kept_in_order(
+        self,
+        case: tuple[list[tuple[bytes, bytes]], list[tuple[str, str]], list[list[tuple[str, str]]]],
+    ) -> None:
+        headers, pairs, groups = case
+        found, result = extract(headers, BOTH)
+        assert found == [v for n, v in pairs if n == NAME] + [v for n, v in pairs if n == TWIN]
+        expected: list[tuple[bytes, bytes]] = []
+        groups_left = iter(groups)
+        for header_name, header_value in headers:
+            if header_name.lower() != b"cookie":
+                expected.append((header_name, header_value))
+                continue
+            group = next(groups_left)
+            others = [(n, v) for n, v in group if n not in BOTH]
+            if len(others) == len(group):
+                expected.append((header_name, header_value))
+            elif others:
+                joined = "; ".join(f"{n}={v}" for n, v in others)
+                expected.append((header_name, joined.encode()))
+        assert result == expected
+        assert extract(result, BOTH) == ([], result)
 
 
 class TestMakePrivate:

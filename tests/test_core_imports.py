@@ -23,6 +23,7 @@ CORE = [
     "engineio",
     "eiopayload",
     "sidtable",
+    "eiorouting",
 ]
 
 

@@ -600,3 +600,60 @@ def test_with_a_secret_the_cookie_is_a_signed_token_that_routes() -> None:
         + b"\r\n\r\n"
     )
     assert h.server_of() == server
+
+
+# -- secure = auto -------------------------------------------------------------------
+
+
+def _auto_secure(extra: str = "") -> str:
+    return (
+        CONFIG.format(redispatch="true").replace("[proxy]\n", f"[proxy]\n{extra}", 1)
+        + "\n[cookie]\nsecure = auto\nsamesite = None\nsamesite_legacy = true\n"
+    )
+
+
+def _set_cookies(out: bytes) -> list[bytes]:
+    head = out.partition(b"\r\n\r\n")[0]
+    return [line for line in head.split(b"\r\n") if line.startswith(b"Set-Cookie: ")]
+
+
+def test_secure_auto_marks_the_cookie_secure_when_the_balancer_reports_tls() -> None:
+    h = Harness(config=_auto_secure())
+    ssl = bytes([0x01]) + bytes(4)  # PP2_CLIENT_SSL, verify = 0 (PROXY spec §2.2.6)
+    h.send(format_v2(("198.51.100.4", 5000), ("10.0.0.1", 443), tlvs=[(0x20, ssl)]))
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+    server = h.server_of()
+    h.accept()[0].dataReceived(ok())
+    assert _set_cookies(h.output()) == [
+        b"Set-Cookie: storify_editor_host=%s; path=/; Secure; SameSite=None" % server.encode(),
+        b"Set-Cookie: storify_editor_host_legacy=%s; path=/; Secure" % server.encode(),
+    ]
+
+
+def test_secure_auto_over_plain_http_sets_one_cookie_without_secure_or_samesite() -> None:
+    h = Harness(config=_auto_secure())
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\nX-Forwarded-Proto: https\r\n\r\n")
+    server = h.server_of()
+    h.accept()[0].dataReceived(ok())
+    # X-Forwarded-Proto is only believed with trust_forwarded_proto.
+    assert _set_cookies(h.output()) == [
+        b"Set-Cookie: storify_editor_host=%s; path=/" % server.encode()
+    ]
+
+
+def test_secure_auto_believes_x_forwarded_proto_from_a_trusted_balancer_when_told_to() -> None:
+    h = Harness(config=_auto_secure("trust_forwarded_proto = true\n"))
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\nX-Forwarded-Proto: https\r\n\r\n")
+    h.accept()[0].dataReceived(ok())
+    assert all(b"; Secure" in line for line in _set_cookies(h.output()))
+
+
+def test_the_twin_cookie_alone_routes_like_the_main_one() -> None:
+    h = Harness(config=_auto_secure())
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host_legacy=s2\r\n\r\n")
+    assert h.server_of() == "s2"
+    _, transport = h.accept()
+    assert b"Cookie" not in transport.value()
