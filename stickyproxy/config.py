@@ -142,7 +142,6 @@ import hashlib
 import ipaddress
 import math
 import re
-import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -150,6 +149,7 @@ from typing import Any, Literal
 
 from stickyproxy.cookietoken import parse_keys
 from stickyproxy.errors import ConfigError, ConfigProblem
+from stickyproxy.storeaddress import parse_store_url
 
 __all__ = [
     "AdminConfig",
@@ -585,19 +585,8 @@ def _engineio_path(text: str) -> str:
 def _store_url(text: str) -> str | None:
     if not text:
         return None
-    url = urllib.parse.urlsplit(text)
-    if url.scheme == "redis":
-        if not url.hostname or url.port is None:
-            raise ValueError(f"expected redis://host:port or redis://host:port/db, got {text!r}")
-        db = url.path.strip("/")
-        if db and not _WHOLE_RE.fullmatch(db):
-            raise ValueError(f"the database in {text!r} must be a number, as in redis://h:6379/0")
-        return text
-    if url.scheme == "unix":
-        if not url.path:
-            raise ValueError(f"expected unix:///path/to/redis.sock, got {text!r}")
-        return text
-    raise ValueError(f"expected redis://host:port/db or unix:///path, got {text!r}")
+    parse_store_url(text)
+    return text
 
 
 def _server_tag(text: str) -> str:

@@ -32,6 +32,7 @@ from stickyproxy.errors import ConfigError
 from stickyproxy.health import HealthChecker, log_transition
 from stickyproxy.pool import Pool, Server
 from stickyproxy.relay import FrontendFactory, ProxyContext, host_port
+from stickyproxy.sidstore import SidStore, parse_store_url
 
 log = Logger(namespace="stickyproxy")
 
@@ -59,6 +60,8 @@ class StickyProxy:
         self._admin_description: str | None = None
         self._demo_ports: list[Any] = []
         self._accepting = True
+        self._store: SidStore | None = None
+        self._store_url: str | None = None
         #: Re-reads the configuration and applies it (the admin endpoint's
         #: ``POST /reload``); set by whoever knows where it came from.
         self.reloader: Callable[[], Deferred[bool]] | None = None
@@ -89,9 +92,37 @@ class StickyProxy:
                 description = f"tcp:{server.port}:interface={_endpoint_host(server.host)}"
                 port = yield listen_demo_backend(server.name, description, self.reactor)
                 self._demo_ports.append(port)
+        self._use_store(self.config)
         yield self._listen(self.config.proxy.listen)
         yield self._listen_admin(self.config.admin.listen)
         self.health.start()
+
+    def _use_store(self, config: Config) -> Any:
+        """Connect to ``[engineio] sid_store`` (or let go of a store no longer wanted).
+
+        Traffic never waits for the store to come up: until it is connected
+        the proxy routes from its own table.
+
+        :returns: fires once a replaced store is closed.
+        """
+        engineio = config.engineio
+        old = self._store
+        wanted = engineio.sid_store if engineio.enabled else None
+        if (
+            old is not None
+            and wanted == self._store_url
+            and old.timeout == engineio.sid_store_timeout
+        ):
+            return succeed(None)
+        store = None
+        if wanted is not None:
+            store = SidStore(
+                parse_store_url(wanted), self.reactor, timeout=engineio.sid_store_timeout
+            )
+            store.start()
+        self._store, self._store_url = store, wanted
+        self.context.store = store
+        return old.stop() if old is not None else succeed(None)
 
     @inlineCallbacks
     def _listen(self, descriptions: tuple[str, ...]) -> Any:
@@ -151,6 +182,7 @@ class StickyProxy:
         self.config = config
         self.pool = pool
         self.context.reconfigure(config, pool)
+        yield self._use_store(config)
         self.health = HealthChecker(pool, config.health, self.reactor, client=self._health_client)
         yield self._listen(config.proxy.listen)
         if config.admin.listen != self._admin_description:
@@ -246,6 +278,11 @@ class StickyProxy:
             others.append(self.admin_port)
         self._demo_ports, self.admin_port = [], None
         yield DeferredList([port.stopListening() for port in others])
+        self.context.stop_timers()
+        if self._store is not None:
+            store, self._store = self._store, None
+            self.context.store = None
+            yield store.stop()
 
     @inlineCallbacks
     def _wait(self, done: Callable[[], bool], timeout: float) -> Any:

@@ -868,3 +868,76 @@ def test_any_text_gives_a_configuration_or_a_config_error(lines: list[str]) -> N
         assert all(isinstance(p, ConfigProblem) for p in error.problems)
     else:
         assert config.servers
+
+
+# -- [engineio] and the newer cookie keys --------------------------------------------------
+
+MINIMAL = "[server s1]\naddress = 127.0.0.1:1\n"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("path", "/engine.io/", "/engine.io/"),
+        ("path", "", ""),
+        ("sid_tag", "eio4", "eio4"),
+        ("sid_store", "redis://10.0.0.5:6379/2", "redis://10.0.0.5:6379/2"),
+        ("sid_store", "unix:///run/redis.sock?db=1", "unix:///run/redis.sock?db=1"),
+        ("sid_store", "", None),
+        ("sid_store_timeout", "100ms", 0.1),
+        ("max_sessions", "5000", 5000),
+        ("sid_cookie", "io", "io"),
+    ],
+)
+def test_engineio_keys_parse(key: str, value: str, expected: object) -> None:
+    config = parse_config(f"{MINIMAL}[engineio]\n{key} = {value}\n")
+    assert getattr(config.engineio, key) == expected
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("path", "socket.io", "starting with '/'"),
+        ("sid_tag", "eio3", "expected"),
+        ("sid_store", "rediss://h:1/0", "TLS is not supported"),
+        ("sid_store", "redis://h:99999/0", "out of range"),
+        ("sid_store", "http://h/", "redis:// or unix://"),
+        ("max_sessions", "0", ""),
+    ],
+)
+def test_bad_engineio_values_say_what_was_expected(key: str, value: str, message: str) -> None:
+    problem = only_problem(f"{MINIMAL}[engineio]\n{key} = {value}\n")
+    assert (problem.section, problem.key) == ("engineio", key)
+    assert message in problem.message
+
+
+def test_server_tags_default_to_an_opaque_value_derived_from_the_name() -> None:
+    config = parse_config(MINIMAL + "[server s2]\naddress = 127.0.0.1:2\ntag = blue\n")
+    first, second = config.servers
+    assert first.tag == "" and len(first.engine_tag) == 8 and "s1" not in first.engine_tag
+    assert first.engine_tag == parse_config(MINIMAL).servers[0].engine_tag
+    assert second.engine_tag == "blue"
+
+
+def test_two_servers_with_one_tag_is_an_error() -> None:
+    problem = only_problem(
+        MINIMAL.replace("\n", "\ntag = same\n", 1)
+        + "[server s2]\naddress = 127.0.0.1:2\ntag = same\n"
+    )
+    assert (problem.section, problem.key) == ("server s2", "tag")
+    assert "already used by [server s1]" in problem.message
+
+
+def test_secure_auto_is_accepted_and_allows_samesite_none() -> None:
+    config = parse_config(MINIMAL + "[cookie]\nsecure = auto\nsamesite = None\n")
+    assert config.cookie.secure == "auto"
+
+
+def test_the_legacy_twin_cookie_needs_samesite_none() -> None:
+    problem = only_problem(MINIMAL + "[cookie]\nsamesite = Lax\nsamesite_legacy = true\n")
+    assert (problem.section, problem.key) == ("cookie", "samesite_legacy")
+
+
+def test_a_decision_header_must_be_a_header_name() -> None:
+    problem = only_problem(MINIMAL + "[proxy]\ndecision_header = X Route\n")
+    assert (problem.section, problem.key) == ("proxy", "decision_header")

@@ -24,6 +24,7 @@ CORE = [
     "eiopayload",
     "sidtable",
     "eiorouting",
+    "storeaddress",
 ]
 
 

@@ -1,0 +1,342 @@
+"""The shared sid table against a real ``redis-server``.
+
+Redis listens on a Unix socket in a private directory (no port to race for),
+except in the test of the TCP path, which binds a port the OS picked.
+Servers are stopped, paused and killed by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import pytest_twisted  # type: ignore[import-untyped]
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+
+from stickyproxy.sidstore import SidStore, StoreAddress, parse_store_url
+
+from .harness import READY_TIMEOUT, Proc, ProcessNotReadyError, spawn
+
+T = TypeVar("T")
+
+REDIS = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin:/usr/bin")
+pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed")
+
+#: The longest wait for the store to notice a change in Redis's state. A
+#: reconnection is tried at most every ``max_retry_delay`` (0.5 s here).
+SETTLE_TIMEOUT = 10.0
+
+
+def resp(*args: str) -> bytes:
+    """One command in RESP2, as an array of bulk strings."""
+    out = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class RedisServer:
+    """A ``redis-server`` without persistence, restartable on the same address."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.port = port
+        self.socket_path = str(workdir / "redis.sock")
+        self.proc: Proc | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is not None:
+            return f"redis://127.0.0.1:{self.port}"
+        return f"unix://{self.socket_path}"
+
+    def start(self) -> None:
+        assert REDIS is not None
+        argv = [REDIS, "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        if self.port is not None:
+            argv += ["--port", str(self.port), "--bind", "127.0.0.1"]
+        else:
+            argv += ["--port", "0", "--unixsocket", self.socket_path, "--unixsocketperm", "700"]
+        self.proc = spawn("redis", argv, self.workdir)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            try:
+                if self.command("PING") == b"+PONG\r\n":
+                    return
+            except OSError:
+                pass
+            if not self.proc.running() or time.monotonic() > deadline:
+                self.proc.stop()
+                raise ProcessNotReadyError(f"waiting for PONG: {self.proc.describe()}")
+            time.sleep(0.02)
+
+    def command(self, *args: str) -> bytes:
+        """Send one command on a new connection and return the raw reply."""
+        if self.port is not None:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(5)
+            sock.connect(self.socket_path)
+        with sock:
+            sock.sendall(resp(*args))
+            reply = b""
+            while not reply.endswith(b"\r\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+            return reply
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signum)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.signal(signal.SIGKILL)
+        self.proc.popen.wait(READY_TIMEOUT)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.running():
+                self.signal(signal.SIGCONT)
+            self.proc.stop()
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    # A Unix socket's path is limited to about 100 bytes, which a pytest
+    # tmp_path named after a long test can exceed.
+    path = Path(tempfile.mkdtemp(prefix="sidstore-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def redis(workdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def stores() -> Iterator[Callable[..., SidStore]]:
+    """Make started stores; each is stopped at teardown."""
+    made: list[SidStore] = []
+
+    def make(address: StoreAddress | str, **options: float | str) -> SidStore:
+        if isinstance(address, str):
+            address = parse_store_url(address)
+        store = SidStore(address, reactor, **options)  # type: ignore[arg-type]
+        made.append(store)
+        store.start()
+        return store
+
+    yield make
+    for store in made:
+        pytest_twisted.blockon(store.stop())
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = SETTLE_TIMEOUT) -> None:
+    """Let the reactor run until ``condition()`` holds; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition still false"
+        await deferLater(reactor, 0.02, lambda: None)
+
+
+def answered_at_once(d: Deferred[T]) -> T:
+    """The result of a Deferred that must already have fired successfully."""
+    results: list[T] = []
+    d.addCallback(results.append)
+    assert results, "the store kept the caller waiting"
+    return results[0]
+
+
+async def connected(store: SidStore) -> SidStore:
+    await eventually(lambda: store.connected)
+    return store
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_a_written_session_is_read_back(
+    redis: RedisServer, stores: Callable[..., SidStore]
+) -> None:
+    store = await connected(stores(redis.url))
+    assert await store.put("abcDEF123-_", "s2", 30) is True
+    assert await store.get("abcDEF123-_") == "s2"
+    assert (store.writes, store.hits, store.errors, store.timeouts) == (1, 1, 0, 0)
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_an_unknown_sid_is_a_miss(
+    redis: RedisServer, stores: Callable[..., SidStore]
+) -> None:
+    store = await connected(stores(redis.url))
+    assert await store.get("never-written") is None
+    assert (store.misses, store.hits, store.errors) == (1, 0, 0)
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_keys_carry_the_prefix_and_a_whole_second_expiry(
+    redis: RedisServer, stores: Callable[..., SidStore]
+) -> None:
+    store = await connected(stores(redis.url, key_prefix="fleet1:"))
+    assert await store.put("sid1", "s1", 2.2)
+    assert redis.command("GET", "fleet1:sid1") == b"$2\r\ns1\r\n"
+    assert redis.command("TTL", "fleet1:sid1") in (b":3\r\n", b":2\r\n")
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_redis_expires_a_session_after_its_ttl(
+    redis: RedisServer, stores: Callable[..., SidStore]
+) -> None:
+    store = await connected(stores(redis.url))
+    assert await store.put("short-lived", "s1", 1)
+    assert await store.get("short-lived") == "s1"
+    gone: list[str | None] = ["s1"]
+
+    async def poll() -> bool:
+        gone[0] = await store.get("short-lived")
+        return gone[0] is None
+
+    deadline = time.monotonic() + 5
+    while not await poll():
+        assert time.monotonic() < deadline, "the key outlived its ttl"
+        await deferLater(reactor, 0.1, lambda: None)
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_two_proxies_see_each_others_writes_touches_and_forgets(
+    redis: RedisServer, stores: Callable[..., SidStore]
+) -> None:
+    one = await connected(stores(redis.url))
+    two = await connected(stores(redis.url))
+    assert await one.put("shared", "s3", 5)
+    assert await two.get("shared") == "s3"
+
+    two.touch("shared", 100)
+    await eventually(lambda: int(redis.command("TTL", "stickyproxy:sid:shared")[1:]) > 5)
+
+    one.forget("shared")
+    await eventually(lambda: redis.command("EXISTS", "stickyproxy:sid:shared") == b":0\r\n")
+    assert await two.get("shared") is None
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_the_database_in_the_url_is_selected(
+    redis: RedisServer, stores: Callable[..., SidStore]
+) -> None:
+    store = await connected(stores(f"{redis.url}?db=3"))
+    assert await store.put("in-db-3", "s1", 30)
+    assert redis.command("EXISTS", "stickyproxy:sid:in-db-3") == b":0\r\n"
+    other = await connected(stores(f"{redis.url}?db=3"))
+    assert await other.get("in-db-3") == "s1"
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_a_database_redis_does_not_have_leaves_the_store_down(
+    redis: RedisServer, stores: Callable[..., SidStore]
+) -> None:
+    store = stores(f"{redis.url}?db=999")
+    await eventually(lambda: store.connect_failures >= 2)
+    assert not store.connected
+    assert answered_at_once(store.put("x", "s1", 5)) is False
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_it_works_over_tcp(workdir: Path, stores: Callable[..., SidStore]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = RedisServer(workdir, port=port)
+    server.start()
+    try:
+        store = await connected(stores(f"redis://127.0.0.1:{port}/1"))
+        assert await store.put("over-tcp", "s2", 30)
+        assert await store.get("over-tcp") == "s2"
+    finally:
+        server.stop()
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_a_killed_redis_is_answered_for_at_once_until_it_is_back(
+    redis: RedisServer, stores: Callable[..., SidStore]
+) -> None:
+    store = await connected(stores(redis.url, max_retry_delay=0.5))
+    assert await store.put("before", "s1", 60)
+
+    redis.kill()
+    await eventually(lambda: not store.connected)
+    assert answered_at_once(store.get("before")) is None
+    assert answered_at_once(store.put("during", "s2", 60)) is False
+    assert store.errors == 2
+
+    redis.start()
+    await connected(store)
+    assert await store.put("after", "s3", 60)
+    assert await store.get("after") == "s3"
+    # Redis kept nothing across the restart (no persistence).
+    assert await store.get("before") is None
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_a_redis_that_stops_answering_times_out_and_is_dropped(
+    redis: RedisServer, stores: Callable[..., SidStore]
+) -> None:
+    store = await connected(stores(redis.url, timeout=0.2, max_retry_delay=0.5))
+    redis.signal(signal.SIGSTOP)
+    try:
+        put, get = store.put("frozen", "s1", 60), store.get("frozen")
+        assert await put is False
+        assert await get is None
+        # The first timeout drops the connection, which may fail the other
+        # command before its own timer fires.
+        assert store.timeouts >= 1
+        assert store.timeouts + store.errors == 2
+        await eventually(lambda: not store.connected)
+        assert answered_at_once(store.get("frozen")) is None
+    finally:
+        redis.signal(signal.SIGCONT)
+    await connected(store)
+    assert await store.put("thawed", "s1", 60)
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_a_store_where_nothing_listens_answers_at_once(
+    workdir: Path, stores: Callable[..., SidStore]
+) -> None:
+    # A bound socket that does not listen: connections to it are refused, and
+    # nobody else can take its port while the test runs.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        tcp = stores(f"redis://127.0.0.1:{port}")
+        unix = stores(f"unix://{workdir}/nothing.sock")
+        for store in (tcp, unix):
+            assert answered_at_once(store.put("x", "s1", 5)) is False
+            assert answered_at_once(store.get("x")) is None
+        await eventually(lambda: tcp.connect_failures >= 2 and unix.connect_failures >= 2)
+        for store in (tcp, unix):
+            assert not store.connected
+            assert answered_at_once(store.get("x")) is None
+            store.touch("x", 5)
+            store.forget("x")
+            assert store.errors == 5
