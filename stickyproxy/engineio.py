@@ -87,6 +87,7 @@ __all__ = [
     "classify",
     "parse_handshake",
     "redact",
+    "redact_target",
     "set_content_length",
     "sid_from_set_cookie",
     "tag_handshake_body",
@@ -268,6 +269,23 @@ def classify(head: RequestHead, prefix: bytes = DEFAULT_PREFIX) -> EngineRequest
     else:
         kind = "other"
     return EngineRequest(kind, sid, eio or 3, transport, jsonp)
+
+
+def redact_target(target: bytes, prefix: bytes = DEFAULT_PREFIX) -> bytes:
+    """``target`` with every ``sid`` value on the engine.io path shortened for a log.
+
+    A sid is a bearer credential: an access log must not let its readers
+    take over sessions. Each value keeps what :func:`redact` keeps;
+    duplicates and malformed values (answered with 400) are shortened too.
+    """
+    if b"sid" not in target or not _path(target).startswith(prefix):
+        return target
+    spans = [(start, end) for name, start, end in _params(target) if name == b"sid"]
+    for start, end in reversed(spans):
+        # Targets are bytes shown as Latin-1: keep the marker ASCII.
+        shown = redact(target[start:end]).replace("\u2026", "...").encode("ascii")
+        target = target[:start] + shown + target[end:]
+    return target
 
 
 def sid_from_set_cookie(headers: Sequence[tuple[bytes, bytes]], name: str = "io") -> str | None:

@@ -46,7 +46,7 @@ from stickyproxy.accesslog import RequestRecord, TunnelRecord, as_json, request_
 from stickyproxy.cookietoken import CookieSigner, Verified
 from stickyproxy.eiopayload import UnknownSession, UnknownSessionSniffer, redact
 from stickyproxy.eiorouting import EngineRouter, HandshakeCapture, SessionRoute
-from stickyproxy.engineio import SidError
+from stickyproxy.engineio import SidError, redact_target
 from stickyproxy.errors import ProtocolError, ProxyHeaderError
 from stickyproxy.hashring import address_key, text_key
 from stickyproxy.httphead import (
@@ -1236,7 +1236,7 @@ class Frontend:
             t_connect=t_sent - t_routed,
             t_response=self._t_response - t_sent if responded else -1.0,
             t_total=now - t_head,
-            request_line=_request_line(self._request),
+            request_line=_request_line(self._request, self._ctx.engine.prefix),
             cookie_set=decision is not None and decision.set_cookie and responded,
             error=error,
         )
@@ -1727,10 +1727,14 @@ class FrontendFactory(Factory):
         return Frontend(self.ctx)
 
 
-def _request_line(request: RequestHead | None) -> str:
+def _request_line(request: RequestHead | None, engine_prefix: bytes) -> str:
     if request is None:
         return "<BADREQ>"
-    target = request.target if len(request.target) <= 200 else request.target[:200] + b"..."
+    target = request.target
+    if engine_prefix:
+        target = redact_target(target, engine_prefix)
+    if len(target) > 200:
+        target = target[:200] + b"..."
     return b" ".join((request.method, target, request.version)).decode("latin-1")
 
 

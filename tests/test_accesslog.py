@@ -105,3 +105,24 @@ def test_access_log_is_off_by_default(lines: list[str]) -> None:
     backend, _ = h.accept()
     backend.dataReceived(ok())
     assert lines == []
+
+
+def test_engine_io_requests_are_logged_with_their_decision_and_never_a_whole_sid(
+    lines: list[str],
+) -> None:
+    h = Harness(config=LOGGING)
+    h.proxy_header()
+    h.send(b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: app\r\n\r\n")
+    backend, _ = h.accept()
+    body = b'0{"sid":"SecretSessionId12345","pingInterval":25000,"pingTimeout":20000}'
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    h.send(b"GET /socket.io/?EIO=4&transport=polling&sid=SecretSessionId12345 HTTP/1.1\r\n")
+    h.send(b"Host: app\r\n\r\n")
+    backend.dataReceived(ok(b"6"))
+    assert " sid-table " in lines[1]
+    assert lines[1].endswith('"GET /socket.io/?EIO=4&transport=polling&sid=Secr... HTTP/1.1"')
+    # A refused request (two sids) is logged without either.
+    h.send(b"GET /socket.io/?EIO=4&sid=SecretSessionId12345&sid=OtherSecretSid678 HTTP/1.1\r\n")
+    h.send(b"Host: app\r\n\r\n")
+    assert " 400 " in lines[2]
+    assert "SecretSession" not in lines[2] and "OtherSecret" not in lines[2]
