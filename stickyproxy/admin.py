@@ -14,20 +14,21 @@ request                                    answer
 ``POST /servers/NAME/state``               ``state=ready|drain|maint`` in the query
                                            or a form body: HAProxy's ``set server
                                            state``
+``POST /servers/NAME/weight``              ``weight=N`` (0-256): HAProxy's ``set
+                                           server weight``
 ``POST /servers/NAME/shutdown-sessions``   close every client connection served by
                                            NAME, open WebSockets included; with
                                            ``spread=30s``, WebSockets get a Close
                                            frame (1001) spread over that long
+``POST /reload``                           re-read the configuration file, as
+                                           SIGHUP does
 =========================================  ==========================================
-
-``POST /servers/NAME/weight``              ``weight=N`` (0-256): HAProxy's ``set
-                                           server weight``
 
 ``/stats.json``
 ===============
 
-``{"servers": [SERVER, ...], "frontend": FRONTEND}``, servers in configuration
-order. Each ``SERVER`` has:
+``{"servers": [SERVER, ...], "frontend": FRONTEND, "engineio": ENGINEIO}``,
+servers in configuration order. Each ``SERVER`` has:
 
 * ``name``, ``address`` (``host:port``), ``cookie`` (its cookie value),
   ``weight``, ``maxconn`` (concurrent requests allowed, 0 = no limit),
@@ -52,11 +53,29 @@ order. Each ``SERVER`` has:
   that were replaced; ``redispatches``: requests moved to another server after
   failed connection attempts; ``connect_errors``: failed connection attempts;
   ``queue_timeouts``: requests that waited for a free slot (``maxconn``) in
-  vain.
+  vain;
+* ``sid_routed``: engine.io requests routed by their session id (its tag, the
+  local table or the shared store); ``unknown_sessions``: ``{DECISION: {KIND:
+  n}}``, the answers by which the server said it holds no such session, by
+  the routing decision that sent the request there (``sid-tag``,
+  ``sid-table``, ``sid-store``, ``cookie``, ``cookie-unusable``, ``hash``,
+  ``redispatch``) and the kind of answer (``polling_json``: engine.io's 400
+  with code 1 to a poll; ``upgrade_text``: its plain-text 400 to a WebSocket
+  upgrade; ``python_engineio``: python-engineio's "Invalid session"). Under a
+  ``sid-*`` decision the session had expired on its server; under any other
+  the request probably went to the wrong server (a misroute).
 
 ``FRONTEND`` has the same traffic counters for the whole proxy, plus
 ``connections`` (client connections open now), ``connections_total`` and
 ``errors``: ``{"STATUS": n}``, the error responses the proxy wrote itself.
+
+``ENGINEIO`` describes engine.io session routing: ``path`` (the engine.io
+path prefix; empty when sid routing is off), ``sid_tag``, ``sessions`` (known
+to the local table now), ``max_sessions`` (its size), ``learned`` (handshakes
+whose session was learned), ``tagged`` (handshakes whose sid got the server's
+tag), ``expired`` and ``evicted`` (sessions the table dropped, idle or for
+room), and ``store``: ``null`` without a shared store, otherwise
+``{"connected": bool, "hits", "misses", "writes", "errors", "timeouts"}``.
 
 ``/metrics``
 ============
@@ -68,11 +87,24 @@ gauges ``_weight``, ``_active_connections``, ``_max_connections``,
 ``_bytes_out_total``, ``_tunnels_total``, ``_cookie_hits_total``,
 ``_cookie_inserts_total``, ``_cookie_repins_total``, ``_redispatches_total``,
 ``_connection_errors_total``, ``_queue_timeouts_total``,
-``_check_failures_total``, ``_observed_failures_total``,
-``_state_changes_total`` and ``_responses_total`` (label ``code``: ``1xx`` to
-``5xx``, ``other``). For the frontend, ``stickyproxy_frontend_*``: the same
-traffic counters, gauges ``_current_connections`` and ``_current_tunnels``,
-``_connections_total`` and ``_errors_total`` (label ``status``).
+``_sid_routed_total``, ``_check_failures_total``,
+``_observed_failures_total``, ``_state_changes_total``,
+``_responses_total`` (label ``code``: ``1xx`` to ``5xx``, ``other``) and
+``_engineio_unknown_sessions_total`` (labels ``decision`` and ``kind``, as in
+``unknown_sessions`` above). For the frontend, ``stickyproxy_frontend_*``:
+the same traffic counters, ``_sid_routed_total`` and
+``_engineio_unknown_sessions_total``, gauges ``_current_connections`` and
+``_current_tunnels``, ``_connections_total`` and ``_errors_total`` (label
+``status``).
+
+For engine.io routing, ``stickyproxy_engineio_*``: gauges ``_sessions`` and
+``_max_sessions``, counters ``_sessions_learned_total``,
+``_sessions_tagged_total``, ``_sessions_expired_total`` and
+``_sessions_evicted_total``; with a shared store, gauge ``_store_up`` (1 while
+connected) and counters ``_store_hits_total``, ``_store_misses_total``,
+``_store_writes_total``, ``_store_errors_total`` and
+``_store_timeouts_total``. A probable misroute shows as
+``increase(stickyproxy_server_engineio_unknown_sessions_total{decision!~"sid-.*"}[5m]) > 0``.
 
 Runtime control and who may use it
 ==================================
@@ -100,7 +132,7 @@ import html
 import ipaddress
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 from urllib.parse import urlsplit
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -114,9 +146,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from stickyproxy.config import parse_duration
+from stickyproxy.eiopayload import UnknownSession
 from stickyproxy.pool import Admin, Pool, Transition
+from stickyproxy.stats import DECISIONS
 
 __all__ = [
+    "UNKNOWN_SESSION_KINDS",
     "AdminControl",
     "MetricsPage",
     "ProxyControl",
@@ -138,6 +173,8 @@ Snapshot = Callable[[], Mapping[str, Any]]
 STATES = ("UP", "DOWN", "DRAIN", "MAINT")
 ADMIN_STATES: tuple[Admin, ...] = ("ready", "drain", "maint")
 RESPONSE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+#: The kinds of "unknown session" answers, as the relay tells them apart.
+UNKNOWN_SESSION_KINDS: tuple[UnknownSession, ...] = get_args(UnknownSession)
 
 
 class AdminControl(Protocol):
@@ -286,10 +323,37 @@ def _traffic_cells(entry: Mapping[str, Any]) -> str:
     ]
     cells += [_cell(_count(responses.get(key, 0)), True) for key in RESPONSE_CLASSES]
     cells += [
-        _cell(_count(entry.get(key)), True)
-        for key in ("cookie_hits", "cookie_inserts", "repins", "redispatches", "connect_errors")
+        _cell(_count(entry.get(key)), True) for key in ("cookie_hits", "cookie_inserts", "repins")
     ]
+    cells.append(_cell(_count(entry.get("sid_routed")), True))
+    cells.append(_unknown_sessions_cell(entry.get("unknown_sessions")))
+    cells += [_cell(_count(entry.get(key)), True) for key in ("redispatches", "connect_errors")]
     return "".join(cells)
+
+
+def _unknown_sessions_cell(counted: object) -> str:
+    """The total of "unknown session" answers; the tooltip tells them apart.
+
+    What an answer means depends on how the request was routed: after a
+    ``sid-*`` decision the session had expired on its server, after any other
+    the request probably reached the wrong one. The tooltip says both sums
+    first, then every decision and kind.
+    """
+    if not isinstance(counted, Mapping):
+        return _cell("-", True)
+    lines = []
+    expired = misrouted = 0
+    for decision, kinds in counted.items():
+        for kind, count in kinds.items():
+            lines.append(f"{decision} · {kind}: {count:,}")
+            if str(decision).startswith("sid-"):
+                expired += count
+            else:
+                misrouted += count
+    if not lines:
+        return _cell("0", True)
+    summary = f"{misrouted:,} probable misroutes, {expired:,} expired sessions"
+    return _cell(_count(expired + misrouted), True, "\n".join([summary, *lines]))
 
 
 def _server_row(server: Mapping[str, Any], now: float) -> str:
@@ -363,9 +427,13 @@ def render_status_page(data: Mapping[str, Any], now: float, refresh: int) -> str
 <th rowspan=2>Weight</th><th rowspan=2 title="requests being served / maxconn">Active</th>
 <th rowspan=2>Tunnels</th>
 <th rowspan=2>Requests</th><th colspan=2>Bytes</th><th colspan=6>Responses</th>
-<th colspan=3>Cookie</th><th colspan=2>Errors</th><th rowspan=2>Changes</th></tr>
+<th colspan=3>Cookie</th><th colspan=2>engine.io</th><th colspan=2>Errors</th>
+<th rowspan=2>Changes</th></tr>
 <tr><th>in</th><th>out</th>{"".join(f"<th>{c}</th>" for c in RESPONSE_CLASSES)}
-<th>hits</th><th>inserts</th><th>re-pins</th><th title="requests redispatched">redisp.</th>
+<th>hits</th><th>inserts</th><th>re-pins</th>
+<th title="requests routed by their engine.io session id">sid</th>
+<th title="unknown sessions: the server holds no such session">unknown</th>
+<th title="requests redispatched">redisp.</th>
 <th title="failed connection attempts">connect</th></tr></thead>
 <tbody>
 {rows}
@@ -380,10 +448,38 @@ def render_status_page(data: Mapping[str, Any], now: float, refresh: int) -> str
 <dt>Requests</dt><dd>{_count(frontend.get("requests"))}</dd>
 <dt>Queue timeouts</dt><dd>{_count(frontend.get("queue_timeouts"))}</dd>
 <dt>Error responses</dt><dd>{html.escape(error_text)}</dd>
-</dl>
+{_engineio_line(data.get("engineio"))}</dl>
 <p><a href="stats.json">stats.json</a> · <a href="metrics">metrics</a></p>
 </body></html>
 """
+
+
+def _engineio_line(engineio: object) -> str:
+    """The engine.io line under the table; nothing for a snapshot without one."""
+    if not isinstance(engineio, Mapping):
+        return ""
+    path = str(engineio.get("path") or "")
+    if not path:
+        text = "sid routing off"
+    else:
+        text = (
+            f"{path}: {_count(engineio.get('sessions'))} sessions known"
+            f" / {_count(engineio.get('max_sessions'))} max,"
+            f" {_count(engineio.get('learned'))} learned,"
+            f" {_count(engineio.get('tagged'))} tagged,"
+            f" {_count(engineio.get('expired'))} expired,"
+            f" {_count(engineio.get('evicted'))} evicted"
+        )
+    store = engineio.get("store")
+    title = ""
+    if isinstance(store, Mapping):
+        state = "connected" if store.get("connected") else "not connected"
+        text += f"; store {state}, {_count(store.get('errors'))} errors"
+        title = ", ".join(
+            f"{key}: {_count(store.get(key))}" for key in ("hits", "misses", "writes", "timeouts")
+        )
+    attribute = f' title="{html.escape(title)}"' if title else ""
+    return f'<dt>engine.io</dt><dd id="engineio"{attribute}>{html.escape(text)}</dd>\n'
 
 
 def _no_store(request: Request, content_type: bytes) -> None:
@@ -455,6 +551,7 @@ _COUNTERS = (
     ("redispatches", "redispatches", "Requests moved to another server after retries."),
     ("connect_errors", "connection_errors", "Failed connection attempts to servers."),
     ("queue_timeouts", "queue_timeouts", "Requests that waited for a server slot in vain."),
+    ("sid_routed", "sid_routed", "Requests routed by their engine.io session id."),
 )
 _SERVER_COUNTERS = (
     ("check_failures", "check_failures", "Failed health checks."),
@@ -470,6 +567,23 @@ _SERVER_GAUGES = (
 _FRONTEND_GAUGES = (
     ("connections", "current_connections", "Client connections open now."),
     ("tunnels", "current_tunnels", "Tunnels (WebSockets) open now."),
+)
+_ENGINEIO_GAUGES = (
+    ("sessions", "sessions", "engine.io sessions the local table knows now."),
+    ("max_sessions", "max_sessions", "The most sessions the local table remembers."),
+)
+_ENGINEIO_COUNTERS = (
+    ("learned", "sessions_learned", "engine.io handshakes whose session was learned."),
+    ("tagged", "sessions_tagged", "engine.io handshakes whose sid got the server's tag."),
+    ("expired", "sessions_expired", "Sessions dropped from the local table when idle."),
+    ("evicted", "sessions_evicted", "Sessions dropped from the full local table for room."),
+)
+_STORE_COUNTERS = (
+    ("hits", "store_hits", "Shared store lookups that found the session."),
+    ("misses", "store_misses", "Shared store lookups that did not."),
+    ("writes", "store_writes", "Sessions written to the shared store."),
+    ("errors", "store_errors", "Shared store operations that failed."),
+    ("timeouts", "store_timeouts", "Shared store operations that took too long."),
 )
 
 
@@ -523,6 +637,14 @@ class SnapshotCollector:
             errors.add_metric([str(status)], count)
         yield errors
 
+        engineio = data.get("engineio")
+        # Older snapshots (and tests) have no engine.io part: leave it out.
+        enabled = isinstance(engineio, Mapping) and bool(engineio.get("path"))
+        yield _unknown_sessions("server", servers, enabled)
+        yield _unknown_sessions("frontend", [frontend], enabled)
+        if isinstance(engineio, Mapping):
+            yield from _engineio(engineio)
+
 
 def _families(
     scope: str,
@@ -538,6 +660,86 @@ def _families(
             if isinstance(value, int | float):
                 family.add_metric([entry["name"]] if labels else [], value)
         yield family
+
+
+def _unknown_sessions(scope: str, entries: list[Mapping[str, Any]], enabled: bool) -> Metric:
+    """``stickyproxy_{scope}_engineio_unknown_sessions_total{decision, kind}``.
+
+    The label values form a closed set (:data:`~stickyproxy.stats.DECISIONS`
+    by :data:`UNKNOWN_SESSION_KINDS`), so while sid routing is on every pair
+    is exported, at 0 until it happens, rather than appearing at its first
+    increment: ``increase()`` and ``rate()`` over a series that starts at 1
+    miss that first answer, and the first misroute is the one an alert must
+    see. It costs 21 series per server. Pairs outside the set (a newer
+    proxy's decisions) are exported as they are seen.
+
+    :param enabled: whether engine.io routing is on; when off, only pairs
+        already counted are exported.
+    """
+    labels = ["server", "decision", "kind"] if scope == "server" else ["decision", "kind"]
+    family = CounterMetricFamily(
+        f"stickyproxy_{scope}_engineio_unknown_sessions",
+        "Answers from a server that it holds no such engine.io session, by routing"
+        " decision (sid-*: expired; others: probable misroute) and kind of answer.",
+        labels=labels,
+    )
+    for entry in entries:
+        counted = entry.get("unknown_sessions")
+        if not isinstance(counted, Mapping):
+            continue  # a snapshot from before these were counted
+        pairs = {
+            (decision, kind): count
+            for decision, kinds in counted.items()
+            for kind, count in kinds.items()
+        }
+        if enabled:
+            for decision in DECISIONS:
+                for kind in UNKNOWN_SESSION_KINDS:
+                    pairs.setdefault((decision, kind), 0)
+        prefix = [str(entry["name"])] if scope == "server" else []
+        for (decision, kind), count in sorted(pairs.items(), key=_decision_order):
+            family.add_metric([*prefix, str(decision), str(kind)], count)
+    return family
+
+
+def _decision_order(item: tuple[tuple[str, str], int]) -> tuple[int, str, str]:
+    """Decisions in routing order (sid first), unknown ones last."""
+    (decision, kind), _ = item
+    rank = DECISIONS.index(decision) if decision in DECISIONS else len(DECISIONS)
+    return rank, decision, kind
+
+
+def _engineio(engineio: Mapping[str, Any]) -> Iterator[Metric]:
+    """``stickyproxy_engineio_*``: the session table and the shared store."""
+    for key, name, help_text in _ENGINEIO_GAUGES:
+        yield _single(GaugeMetricFamily, f"stickyproxy_engineio_{name}", help_text, engineio, key)
+    for key, name, help_text in _ENGINEIO_COUNTERS:
+        yield _single(CounterMetricFamily, f"stickyproxy_engineio_{name}", help_text, engineio, key)
+    store = engineio.get("store")
+    if not isinstance(store, Mapping):
+        return  # no shared store configured: no series that would read as "down"
+    yield GaugeMetricFamily(
+        "stickyproxy_engineio_store_up",
+        "1 while the shared session store is connected, 0 otherwise.",
+        value=1 if store.get("connected") else 0,
+    )
+    for key, name, help_text in _STORE_COUNTERS:
+        yield _single(CounterMetricFamily, f"stickyproxy_engineio_{name}", help_text, store, key)
+
+
+def _single(
+    kind: type[GaugeMetricFamily] | type[CounterMetricFamily],
+    name: str,
+    help_text: str,
+    values: Mapping[str, Any],
+    key: str,
+) -> Metric:
+    """A family of one unlabelled series, empty when ``key`` is not a number."""
+    family = kind(name, help_text, labels=[])
+    value = values.get(key)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        family.add_metric([], value)
+    return family
 
 
 def _responses(name: str, entries: list[Mapping[str, Any]]) -> Metric:

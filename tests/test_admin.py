@@ -12,6 +12,7 @@ loopback rule is tested without sockets. The snapshot comes from a real
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -22,6 +23,9 @@ import h11
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
@@ -59,6 +63,19 @@ class FakeProxy:
         )
         self.stats = Stats([s.name for s in servers])
         self.connections = 7
+        #: ``StickyProxy._engine_snapshot``: engine.io routing on, no shared
+        #: store; None plays an older snapshot without the key.
+        self.engineio: dict[str, Any] | None = {
+            "path": "/socket.io/",
+            "sid_tag": "eio4",
+            "sessions": 0,
+            "max_sessions": 100_000,
+            "learned": 0,
+            "tagged": 0,
+            "expired": 0,
+            "evicted": 0,
+            "store": None,
+        }
 
     def snapshot(self) -> dict[str, Any]:
         servers = []
@@ -67,7 +84,16 @@ class FakeProxy:
             servers.append(entry)
         frontend = self.stats.frontend.as_dict()
         frontend["connections"] = self.connections
-        return {"servers": servers, "frontend": frontend}
+        result = {"servers": servers, "frontend": frontend}
+        if self.engineio is not None:
+            result["engineio"] = self.engineio
+        return result
+
+    def unknown_session(self, server: str, decision: str, kind: str, times: int = 1) -> None:
+        """Count "unknown session" answers as the relay does: server and frontend."""
+        for counters in (self.stats.frontend, self.stats.servers[server]):
+            key = (decision, kind)
+            counters.unknown_sessions[key] = counters.unknown_sessions.get(key, 0) + times
 
 
 @pytest.fixture
@@ -86,8 +112,18 @@ def proxy() -> FakeProxy:
     pool.record_check("s2", False, NOW - 65, "connection refused")
     pool.record_check("s2", False, NOW - 64, "<b>connection refused</b>")
     pool.set_admin("s3", "drain", NOW - 7200)
+    # engine.io: s1 routes by sid; a poll routed by cookie and an upgrade
+    # routed by hash met no session (probable misroutes), one routed by the
+    # table found its session expired.
+    s1.sid_routed = 40
+    proxy.unknown_session("s1", "cookie", "polling_json", 3)
+    proxy.unknown_session("s1", "sid-table", "upgrade_text")
+    proxy.unknown_session("s2", "hash", "python_engineio", 2)
     front = stats.frontend
     front.requests, front.connections_total, front.tunnels = 125, 40, 1
+    front.sid_routed = 41
+    assert proxy.engineio is not None
+    proxy.engineio.update(sessions=12, learned=30, tagged=25, expired=17, evicted=1)
     front.error(503)
     front.error(503)
     front.error(400)
@@ -234,10 +270,12 @@ def test_the_status_page_shows_traffic_in_human_units(proxy: FakeProxy) -> None:
     s1 = row(fetch(make_site(proxy), "GET", "/").body.decode(), "s1")
     cells = re.findall(r'<td class="n"[^>]*>([^<]*)</td>', s1)
     # weight, active/max, tunnels, requests, in, out, 1xx..other, cookie
-    # hits/inserts/re-pins, redispatched, connect errors, state changes.
+    # hits/inserts/re-pins, engine.io sid/unknown sessions, redispatched,
+    # connect errors, state changes.
     assert cells[:6] == ["10", "2/100", "1", "120", "2.0 KiB", "3.0 MiB"]
     assert cells[6:12] == ["0", "100", "15", "0", "5", "0"]
     assert cells[12:15] == ["90", "30", "2"]
+    assert cells[15:20] == ["40", "4", "0", "0", "0"]
     assert "0/∞" in row(fetch(make_site(proxy), "GET", "/").body.decode(), "s3")
 
 
@@ -390,6 +428,226 @@ def test_metrics_read_the_state_at_each_scrape(proxy: FakeProxy) -> None:
     proxy.pool.set_admin("s1", "maint")
     found = samples(fetch(site, "GET", "/metrics").body.decode())
     assert sample(found, "stickyproxy_server_state", server="s1", state="MAINT") == 1
+
+
+# -- engine.io routing figures ---------------------------------------------------------------
+
+DECISIONS = ("sid-tag", "sid-table", "sid-store", "cookie", "cookie-unusable", "hash", "redispatch")
+KINDS = ("polling_json", "upgrade_text", "python_engineio")
+STORE = {"connected": True, "hits": 50, "misses": 4, "writes": 31, "errors": 2, "timeouts": 1}
+
+
+def series(found: Mapping[Any, float], name: str) -> dict[frozenset[tuple[str, str]], float]:
+    """Every series of one metric, by its labels."""
+    return {labels: value for (sample_name, labels), value in found.items() if sample_name == name}
+
+
+def tooltip(cell: str) -> str:
+    match = re.search(r'title="([^"]*)"', cell)
+    assert match is not None, cell
+    return html.unescape(match.group(1))
+
+
+def test_metrics_count_requests_routed_by_session_id(proxy: FakeProxy) -> None:
+    found = samples(fetch(make_site(proxy), "GET", "/metrics").body.decode())
+    assert sample(found, "stickyproxy_server_sid_routed_total", server="s1") == 40
+    assert sample(found, "stickyproxy_server_sid_routed_total", server="s2") == 0
+    assert sample(found, "stickyproxy_frontend_sid_routed_total") == 41
+
+
+def test_unknown_sessions_are_counted_by_server_routing_decision_and_kind(
+    proxy: FakeProxy,
+) -> None:
+    found = samples(fetch(make_site(proxy), "GET", "/metrics").body.decode())
+    name = "stickyproxy_server_engineio_unknown_sessions_total"
+    assert sample(found, name, server="s1", decision="cookie", kind="polling_json") == 3
+    assert sample(found, name, server="s1", decision="sid-table", kind="upgrade_text") == 1
+    assert sample(found, name, server="s2", decision="hash", kind="python_engineio") == 2
+    assert sample(found, name, server="s2", decision="cookie", kind="polling_json") == 0
+    frontend = "stickyproxy_frontend_engineio_unknown_sessions_total"
+    assert sample(found, frontend, decision="cookie", kind="polling_json") == 3
+    assert sample(found, frontend, decision="hash", kind="python_engineio") == 2
+    assert sample(found, frontend, decision="sid-tag", kind="upgrade_text") == 0
+
+
+def test_every_decision_and_kind_is_exported_at_zero_before_it_happens(proxy: FakeProxy) -> None:
+    # A series that appeared at 1 would hide the first misroute from increase().
+    found = samples(fetch(make_site(proxy), "GET", "/metrics").body.decode())
+    s3 = {
+        (dict(labels)["decision"], dict(labels)["kind"]): value
+        for labels, value in series(
+            found, "stickyproxy_server_engineio_unknown_sessions_total"
+        ).items()
+        if dict(labels)["server"] == "s3"
+    }
+    assert s3 == {(decision, kind): 0 for decision in DECISIONS for kind in KINDS}
+    frontend = series(found, "stickyproxy_frontend_engineio_unknown_sessions_total")
+    assert len(frontend) == len(DECISIONS) * len(KINDS)
+
+
+def test_with_engineio_routing_off_only_counted_unknown_sessions_are_exported(
+    proxy: FakeProxy,
+) -> None:
+    assert proxy.engineio is not None
+    proxy.engineio["path"] = ""
+    found = samples(fetch(make_site(proxy), "GET", "/metrics").body.decode())
+    server = series(found, "stickyproxy_server_engineio_unknown_sessions_total")
+    assert set(server) == {
+        frozenset({"server": "s1", "decision": "cookie", "kind": "polling_json"}.items()),
+        frozenset({"server": "s1", "decision": "sid-table", "kind": "upgrade_text"}.items()),
+        frozenset({"server": "s2", "decision": "hash", "kind": "python_engineio"}.items()),
+    }
+
+
+def test_metrics_describe_the_session_table(proxy: FakeProxy) -> None:
+    found = samples(fetch(make_site(proxy), "GET", "/metrics").body.decode())
+    assert sample(found, "stickyproxy_engineio_sessions") == 12
+    assert sample(found, "stickyproxy_engineio_max_sessions") == 100_000
+    assert sample(found, "stickyproxy_engineio_sessions_learned_total") == 30
+    assert sample(found, "stickyproxy_engineio_sessions_tagged_total") == 25
+    assert sample(found, "stickyproxy_engineio_sessions_expired_total") == 17
+    assert sample(found, "stickyproxy_engineio_sessions_evicted_total") == 1
+    # No store configured: no series that would read as a store down.
+    assert not any(name.startswith("stickyproxy_engineio_store") for name, _ in found)
+
+
+@pytest.mark.parametrize("connected", [True, False])
+def test_metrics_describe_the_shared_store_when_there_is_one(
+    proxy: FakeProxy, connected: bool
+) -> None:
+    assert proxy.engineio is not None
+    proxy.engineio["store"] = {**STORE, "connected": connected}
+    found = samples(fetch(make_site(proxy), "GET", "/metrics").body.decode())
+    assert sample(found, "stickyproxy_engineio_store_up") == (1 if connected else 0)
+    assert sample(found, "stickyproxy_engineio_store_hits_total") == 50
+    assert sample(found, "stickyproxy_engineio_store_misses_total") == 4
+    assert sample(found, "stickyproxy_engineio_store_writes_total") == 31
+    assert sample(found, "stickyproxy_engineio_store_errors_total") == 2
+    assert sample(found, "stickyproxy_engineio_store_timeouts_total") == 1
+
+
+def test_the_new_metrics_are_valid_openmetrics_too(proxy: FakeProxy) -> None:
+    assert proxy.engineio is not None
+    proxy.engineio["store"] = STORE
+    response = fetch(
+        make_site(proxy),
+        "GET",
+        "/metrics",
+        headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+    )
+    families = {f.name: f for f in openmetrics_families(response.body.decode())}
+    assert families["stickyproxy_engineio_store_up"].type == "gauge"
+    assert families["stickyproxy_engineio_store_errors"].type == "counter"
+    assert families["stickyproxy_server_engineio_unknown_sessions"].type == "counter"
+
+
+def test_a_snapshot_without_engineio_still_serves_every_page(proxy: FakeProxy) -> None:
+    proxy.engineio = None
+    site = make_site(proxy)
+    page = fetch(site, "GET", "/")
+    assert page.status == 200
+    assert 'id="engineio"' not in page.body.decode()
+    assert "stickyproxy_engineio" not in fetch(site, "GET", "/metrics").body.decode()
+    assert "engineio" not in fetch(site, "GET", "/stats.json").json()
+
+
+def test_a_snapshot_from_before_sid_routing_still_renders(proxy: FakeProxy) -> None:
+    """Entries without ``sid_routed`` and ``unknown_sessions`` show dashes, export nothing."""
+    snapshot = proxy.snapshot()
+    del snapshot["engineio"]
+    for entry in [*snapshot["servers"], snapshot["frontend"]]:
+        del entry["sid_routed"], entry["unknown_sessions"]
+    clock = Clock()
+    clock.advance(NOW)
+    site = admin_site(lambda: snapshot, reactor=clock)
+    s1 = row(fetch(site, "GET", "/").body.decode(), "s1")
+    assert re.findall(r'<td class="n"[^>]*>([^<]*)</td>', s1)[15:17] == ["-", "-"]
+    found = samples(fetch(site, "GET", "/metrics").body.decode())
+    assert not series(found, "stickyproxy_server_engineio_unknown_sessions_total")
+    assert not series(found, "stickyproxy_server_sid_routed_total")
+    assert sample(found, "stickyproxy_server_requests_total", server="s1") == 120
+
+
+def test_the_status_page_shows_unknown_sessions_by_decision_in_a_tooltip(
+    proxy: FakeProxy,
+) -> None:
+    page = fetch(make_site(proxy), "GET", "/").body.decode()
+    cell = re.findall(r"<td[^>]*>[^<]*</td>", row(page, "s1"))[-4]
+    assert cell.endswith(">4</td>")
+    assert tooltip(cell).splitlines() == [
+        "3 probable misroutes, 1 expired sessions",
+        "cookie · polling_json: 3",
+        "sid-table · upgrade_text: 1",
+    ]
+    s3 = re.findall(r"<td[^>]*>[^<]*</td>", row(page, "s3"))[-4]
+    assert s3 == '<td class="n">0</td>'
+    totals = page.split("<tfoot>", 1)[1]
+    assert ">41</td>" in totals
+    assert "5 probable misroutes, 1 expired sessions" in html.unescape(totals)
+
+
+def test_the_status_page_has_a_line_on_engineio_sessions(proxy: FakeProxy) -> None:
+    page = fetch(make_site(proxy), "GET", "/").body.decode()
+    line = re.search(r'<dd id="engineio"[^>]*>([^<]*)</dd>', page)
+    assert line is not None
+    assert line.group(1) == (
+        "/socket.io/: 12 sessions known / 100,000 max, 30 learned, 25 tagged, 17 expired, 1 evicted"
+    )
+    # The line sits under the table, with the frontend figures.
+    assert page.index('id="engineio"') > page.index("</table>")
+
+
+def test_the_engineio_line_shows_the_store_state_and_its_errors(proxy: FakeProxy) -> None:
+    assert proxy.engineio is not None
+    proxy.engineio["store"] = {**STORE, "connected": False}
+    page = fetch(make_site(proxy), "GET", "/").body.decode()
+    line = re.search(r'<dd id="engineio"[^>]*>([^<]*)</dd>', page)
+    assert line is not None
+    assert line.group(1).endswith("1 evicted; store not connected, 2 errors")
+    assert tooltip(line.group(0)) == "hits: 50, misses: 4, writes: 31, timeouts: 1"
+    proxy.engineio["path"] = ""
+    off = fetch(make_site(proxy), "GET", "/").body.decode()
+    assert ">sid routing off; store not connected, 2 errors</dd>" in off
+
+
+def test_engineio_figures_on_the_status_page_are_escaped(proxy: FakeProxy) -> None:
+    assert proxy.engineio is not None
+    proxy.engineio["path"] = "/<script>io/"
+    proxy.unknown_session("s3", 'x" onmouseover="alert(1)', "<b>kind</b>")
+    page = fetch(make_site(proxy), "GET", "/").body.decode()
+    assert "<script>" not in page and "<b>" not in page
+    assert "/&lt;script&gt;io/: 12 sessions" in page
+    assert 'onmouseover="' not in page
+    cell = re.findall(r"<td[^>]*>[^<]*</td>", row(page, "s3"))[-4]
+    assert tooltip(cell).splitlines()[1] == 'x" onmouseover="alert(1) · <b>kind</b>: 1'
+
+
+@given(
+    st.dictionaries(
+        st.tuples(st.sampled_from(DECISIONS), st.sampled_from(KINDS)),
+        st.integers(min_value=1, max_value=10**9),
+        max_size=len(DECISIONS) * len(KINDS),
+    )
+)
+def test_every_unknown_session_count_reaches_the_metrics_and_the_page(
+    counts: dict[tuple[str, str], int],
+) -> None:
+    proxy = FakeProxy()
+    for (decision, kind), count in counts.items():
+        proxy.unknown_session("s2", decision, kind, count)
+    site = make_site(proxy)
+    found = samples(fetch(site, "GET", "/metrics").body.decode())
+    for decision in DECISIONS:
+        for kind in KINDS:
+            name = "stickyproxy_server_engineio_unknown_sessions_total"
+            value = sample(found, name, server="s2", decision=decision, kind=kind)
+            assert value == counts.get((decision, kind), 0)
+    cell = re.findall(r"<td[^>]*>[^<]*</td>", row(fetch(site, "GET", "/").body.decode(), "s2"))[-4]
+    assert f">{sum(counts.values()):,}</td>" in cell
+    if counts:
+        misroutes = sum(n for (d, _), n in counts.items() if not d.startswith("sid-"))
+        assert tooltip(cell).startswith(f"{misroutes:,} probable misroutes, ")
+        assert len(tooltip(cell).splitlines()) == 1 + len(counts)
 
 
 # -- runtime control -------------------------------------------------------------------------
@@ -616,6 +874,10 @@ class Sessions:
         self.closed.append(server_name)
         return 5
 
+    def go_away(self, window: float, server_name: str | None = None) -> int:
+        self.closed.append(f"{server_name} over {window}s")
+        return 5
+
 
 @dataclass
 class RunningProxy:
@@ -645,6 +907,15 @@ def test_proxy_control_shuts_down_sessions_of_known_servers_only() -> None:
     with pytest.raises(KeyError):
         control.set_state("nope", "drain")
     assert running.context.closed == ["s2"]
+
+
+def test_proxy_control_closes_websockets_of_known_servers_over_a_spread() -> None:
+    running = RunningProxy(FakeProxy().pool, Sessions(), Clock())
+    control = ProxyControl(running)
+    assert control.close_tunnels("s1", 30.0) == 5
+    with pytest.raises(KeyError):
+        control.close_tunnels("nope", 30.0)
+    assert running.context.closed == ["s1 over 30.0s"]
 
 
 def test_proxy_control_follows_the_pool_a_reload_puts_in_place() -> None:

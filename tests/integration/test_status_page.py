@@ -160,12 +160,12 @@ def test_the_status_page_shows_a_failed_server_down_in_a_browser(
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "status-page.png"
     screenshot.unlink(missing_ok=True)
-    run_chromium(chromium, tmp_path, f"--screenshot={screenshot}", "--window-size=1200,800", url)
+    run_chromium(chromium, tmp_path, f"--screenshot={screenshot}", "--window-size=1320,800", url)
     print(f"status page screenshot: {screenshot}")
     data = screenshot.read_bytes()
     # A PNG (signature, then the IHDR chunk with the width and height).
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert struct.unpack(">II", data[16:24]) == (1200, 800)
+    assert struct.unpack(">II", data[16:24]) == (1320, 800)
 
 
 def test_the_page_json_and_metrics_agree_about_a_failed_server(proxy_with_s2_down: Proxy) -> None:
