@@ -3,7 +3,8 @@
 ::
 
     PYTHONPATH=. python bench/sio_sessions.py [--clients 30] [--messages 50]
-        [--target haproxy-seed|haproxy-source-rotating|stickyproxy ...]
+        [--target haproxy-seed|haproxy-source-rotating|stickyproxy|
+                  stickyproxy-fleet-tag|stickyproxy-fleet-store ...]
         [--transports polling|polling,websocket]
 
 Starts three socket.io backends (``tests/integration/sio_apps.py``, python-socketio
@@ -28,6 +29,17 @@ Targets:
     The same rotating L4 HAProxy, sending PROXY v2, in front of stickyproxy
     (``twistd -n stickyproxy``) with its default configuration: the cookie, a
     consistent hash of the client address, and engine.io ``sid`` routing.
+``stickyproxy-fleet-tag``
+    Two stickyproxy processes with the same configuration and ``[engineio]
+    sid_tag = eio4``, behind one rotating L4 HAProxy that sends each new
+    connection to the next of them (``balance roundrobin``), so that a
+    session's requests alternate between the proxies.
+``stickyproxy-fleet-store``
+    The same fleet sharing sessions through a ``redis-server`` (started here,
+    on an OS-chosen loopback port) with ``[engineio] sid_store``.
+``stickyproxy-fleet-alone`` (only when named)
+    The same fleet with neither tag nor store, each proxy knowing only the
+    handshakes it relayed: a control showing what the two ways to share prevent.
 ``stickyproxy-sid-off`` (only when named)
     The same with ``[engineio] path`` empty, i.e. without sid routing: a control
     showing that the client address does rotate and what sid routing prevents.
@@ -42,14 +54,16 @@ timeouts). The exit status is 0 whatever the counts: this is a measurement.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from tests.integration.harness import Backend, Launcher, proxy_config
+from tests.integration.harness import Backend, Launcher, Proxy, http_get, proxy_config
 from tests.integration.sio_apps import (
     launch_haproxy,
     launch_sio_backends,
@@ -58,13 +72,25 @@ from tests.integration.sio_apps import (
     seed_source_backend,
 )
 from tests.integration.sio_clients import LoadResult, run_load
+from tests.integration.test_socketio_fleet import RedisServer, fleet_backend_section
 
-TARGETS = ("haproxy-seed", "haproxy-source-rotating", "stickyproxy")
+TARGETS = (
+    "haproxy-seed",
+    "haproxy-source-rotating",
+    "stickyproxy",
+    "stickyproxy-fleet-tag",
+    "stickyproxy-fleet-store",
+)
 
 #: A control, not run unless asked for: stickyproxy with sid routing off
 #: (``[engineio] path`` empty), which must show the misroutes that sid routing
 #: prevents, proving that the client address does rotate.
 CONTROL = "stickyproxy-sid-off"
+
+#: A control for the fleets, not run unless asked for: two proxies sharing
+#: nothing, which must show the misroutes that the tag and the store prevent,
+#: proving that a session's requests do reach both proxies.
+FLEET_CONTROL = "stickyproxy-fleet-alone"
 
 #: The backends' engine.io ping interval and timeout (ms). Short, so that a
 #: held long poll (and hence a client's disconnection) lasts at most this long.
@@ -84,7 +110,45 @@ def front_port(target: str, launch: Launcher, backends: list[Backend]) -> int:
         proxy = launch.stickyproxy(proxy_config(backends, **sid_off))
         l4 = rotating_l4_backend(proxy.port, send_proxy="v2")
         return launch_haproxy(launch, l4, mode="tcp", rotate_source=True).port
+    if target in ("stickyproxy-fleet-tag", "stickyproxy-fleet-store", FLEET_CONTROL):
+        return fleet_port(target, launch, backends)
     raise ValueError(f"unknown target {target!r}")
+
+
+def fleet_port(target: str, launch: Launcher, backends: list[Backend]) -> int:
+    """Two proxies with one configuration behind a round-robin, rotating L4 HAProxy."""
+    engineio: dict[str, str] = {}
+    if target == "stickyproxy-fleet-tag":
+        engineio["sid_tag"] = "eio4"
+    elif target == "stickyproxy-fleet-store":
+        workdir = launch.tmp_path / "redis"
+        workdir.mkdir(exist_ok=True)
+        redis = RedisServer(workdir, tcp=True)
+        redis.start()
+        assert redis.proc is not None
+        launch.procs.append(redis.proc)
+        engineio["sid_store"] = redis.url
+    config = proxy_config(backends, engineio=engineio)
+    proxies = [launch.stickyproxy(config) for _ in range(2)]
+    if "sid_store" in engineio:
+        # Until a proxy's store is connected, its handshakes are not shared.
+        wait_for_stores(proxies)
+    l4 = fleet_backend_section(proxies)
+    return launch_haproxy(launch, l4, mode="tcp", rotate_source=True).port
+
+
+def wait_for_stores(proxies: Sequence[Proxy], timeout: float = 15.0) -> None:
+    """Wait until every proxy's ``/stats.json`` says its store is connected."""
+    deadline = time.monotonic() + timeout
+    for proxy in proxies:
+        assert proxy.admin_port is not None
+        while True:
+            stats = json.loads(http_get(proxy.admin_port, "/stats.json").body)
+            if (stats["engineio"]["store"] or {}).get("connected"):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the proxy on port {proxy.port} never reached Redis")
+            time.sleep(0.05)
 
 
 def measure(
@@ -164,7 +228,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--target",
         action="append",
-        choices=(*TARGETS, CONTROL),
+        choices=(*TARGETS, CONTROL, FLEET_CONTROL),
         help="a setup to measure; repeat for several (default: all)",
     )
     parser.add_argument(
