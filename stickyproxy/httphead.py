@@ -351,7 +351,7 @@ class RequestHead(_Fields):
 
     def serialize(self) -> bytes:
         """Encode the head: request line, header lines, empty line."""
-        return self._serialize(self.method + b" " + self.target + b" " + self.version)
+        return self._serialize(b"%s %s %s" % (self.method, self.target, self.version))
 
 
 @dataclass(slots=True, eq=False)
@@ -393,8 +393,7 @@ class ResponseHead(_Fields):
         A status line received without a reason phrase is written with the
         SP that RFC 9112 §4 requires before the (empty) reason.
         """
-        start = self.version + b" " + str(self.status).encode() + b" " + self.reason
-        return self._serialize(start)
+        return self._serialize(b"%s %d %s" % (self.version, self.status, self.reason))
 
 
 # --------------------------------------------------------------------------

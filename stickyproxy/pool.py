@@ -41,7 +41,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 
 from stickyproxy.config import BalanceConfig, HealthConfig, ServerConfig
 from stickyproxy.hashring import HAProxyRing, HashRing, Ring
@@ -109,11 +109,16 @@ class Server:
 
     @property
     def state(self) -> State:
-        if self.admin == "maint":
+        # Read on every routed request: ``operational`` and ``weight`` are
+        # spelled out rather than called.
+        admin = self.admin
+        if admin == "maint":
             return State.MAINT
-        if not self.operational:
+        config = self.config
+        if config.check and self.health < self.rise:
             return State.DOWN
-        if self.admin == "drain" or self.weight == 0:
+        override = self.weight_override
+        if admin == "drain" or (config.weight if override is None else override) == 0:
             return State.DRAIN
         return State.UP
 
@@ -151,6 +156,11 @@ class Decision:
     server: Server | None
     reason: Reason
     set_cookie: bool
+
+
+_NO_DECISION: Final = Decision(None, "none", set_cookie=False)
+#: How many client keys :class:`Pool` remembers the first choice of.
+_FIRST_CHOICES_MAX: Final = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,9 +214,18 @@ class Pool:
             if config.cookie:
                 self._by_cookie.setdefault(config.cookie, server)
         self.health_config = health
+        # Whether any server has a connection limit that can pass it over.
+        self._limited = any(config.maxconn for config in servers)
+        # Decisions are immutable: one per server and reason is enough.
+        self._decisions: dict[tuple[Server, Reason], Decision] = {}
         self._balance_factor = balance.hash_balance_factor
         self._hash_function = balance.hash_function
         self.ring: Ring = self._build_ring()
+        # The first server of each key's preference order on ``_first_ring``:
+        # when it is up and has room, it is the lookup's answer, and the key
+        # need not be hashed again.
+        self._first: dict[bytes, str | None] = {}
+        self._first_ring: Ring | None = None
         self._listeners: list[Callable[[Transition], None]] = []
 
     def _build_ring(self) -> Ring:
@@ -265,13 +284,21 @@ class Pool:
             if server is None:
                 continue
             if server.accepts_pinned and server.name not in exclude:
-                return Decision(server, "cookie", set_cookie=False)
+                return self._decision(server, "cookie")
             pinned_elsewhere = True
             break
         server = self._hash(key, exclude)
         if server is None:
-            return Decision(None, "none", set_cookie=False)
-        return Decision(server, "cookie-unusable" if pinned_elsewhere else "hash", set_cookie=True)
+            return _NO_DECISION
+        return self._decision(server, "cookie-unusable" if pinned_elsewhere else "hash")
+
+    def _decision(self, server: Server, reason: Reason) -> Decision:
+        """The decision to send a request to ``server`` for ``reason``."""
+        decision = self._decisions.get((server, reason))
+        if decision is None:
+            decision = Decision(server, reason, set_cookie=reason != "cookie")
+            self._decisions[(server, reason)] = decision
+        return decision
 
     def session(self, name: str, reason: Reason, cookie_values: Sequence[str]) -> Decision | None:
         """Route to the server known to hold the request's session, if it can take it.
@@ -293,11 +320,18 @@ class Pool:
         """Pick another server after ``exclude`` failed to take the request."""
         server = self._hash(key, exclude)
         if server is None:
-            return Decision(None, "none", set_cookie=False)
-        return Decision(server, "redispatch", set_cookie=True)
+            return _NO_DECISION
+        return self._decision(server, "redispatch")
 
     def _hash(self, key: bytes, exclude: Collection[str]) -> Server | None:
         servers = self.servers
+        if not exclude and self._balance_factor <= 0:
+            first = self._first_choice(key)
+            if first is not None:
+                server = servers[first]
+                maxconn = server.config.maxconn
+                if server.state is State.UP and (maxconn == 0 or server.active < maxconn):
+                    return server
 
         # Only UP servers are on the ring; excluded and full ones are walked
         # past, as HAProxy walks past its ``avoid`` server and saturated ones.
@@ -305,7 +339,18 @@ class Pool:
             return servers[name].state is State.UP
 
         def passed_over(name: str) -> bool:
-            return name in exclude or not servers[name].accepts_new
+            # Asked only about servers on the ring, so UP: ``accepts_new``
+            # comes down to room below maxconn.
+            if name in exclude:
+                return True
+            server = servers[name]
+            maxconn = server.config.maxconn
+            return maxconn > 0 and server.active >= maxconn
+
+        if not exclude and not self._limited and self._balance_factor <= 0:
+            # Nothing can pass over a server that is on the ring.
+            name = self.ring.lookup(key, on_ring)
+            return None if name is None else servers[name]
 
         if self._balance_factor > 0:
             usable = [s for s in servers.values() if s.state is State.UP]
@@ -326,6 +371,22 @@ class Pool:
             # remove the servers under it; serving beats refusing then.
         name = self.ring.lookup(key, on_ring, skip=passed_over)
         return None if name is None else servers[name]
+
+    def _first_choice(self, key: bytes) -> str | None:
+        """The first server in ``key``'s preference order on the current ring."""
+        first_of = self._first
+        if self._first_ring is not self.ring:
+            first_of.clear()
+            self._first_ring = self.ring
+        try:
+            return first_of[key]
+        except KeyError:
+            pass
+        first = next(iter(self.ring.sequence(key)), None)
+        if len(first_of) >= _FIRST_CHOICES_MAX:
+            first_of.clear()
+        first_of[key] = first
+        return first
 
     def acquire(self, server: Server) -> None:
         """Count a request or connection now assigned to ``server``."""

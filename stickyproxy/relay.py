@@ -60,8 +60,14 @@ from stickyproxy.httphead import (
 )
 from stickyproxy.pool import Decision, Pool, Server, State
 from stickyproxy.proxyproto import ProxyHeaderParser, ProxyInfo
-from stickyproxy.rewrite import ForwardOptions, error_response, prepare_request, prepare_response
-from stickyproxy.stats import Counters, Stats
+from stickyproxy.rewrite import (
+    ForwardOptions,
+    error_response,
+    prepare_request_bytes,
+    prepare_response,
+    prepare_response_bytes,
+)
+from stickyproxy.stats import Stats, count_exchange
 from stickyproxy.wsframes import GOING_AWAY, FrameTracker, close_frame
 
 if TYPE_CHECKING:
@@ -250,7 +256,10 @@ class ProxyContext:
         """
         current = self.pool.servers.get(server.name)
         self.pool.release(current if current is not None else server)
-        for queue in (self.queues.get(server.name), self.backend_queue):
+        pinned = self.queues.get(server.name)
+        if not pinned and not self.backend_queue:
+            return
+        for queue in (pinned, self.backend_queue):
             while queue:
                 waiting = queue.popleft()
                 if waiting.queued:
@@ -496,16 +505,18 @@ class Frontend:
 
     # -- timers ------------------------------------------------------------
 
-    def _arm(self, delay: float, kind: str) -> None:
+    def _arm(self, delay: float, kind: str, now: float | None = None) -> None:
         """Make the one timer of this connection count ``kind`` for ``delay``.
 
         Timers move lazily: a later deadline leaves the scheduled call where it
         is and the call, when it fires early, sleeps again until the deadline.
         Moving a scheduled call costs heap operations on every request; this
         costs one float.
+
+        :param now: the time of the event being handled, if already read.
         """
         self._timer_kind = kind
-        self._deadline = self._ctx.reactor.seconds() + delay
+        self._deadline = (self._ctx.reactor.seconds() if now is None else now) + delay
         timer = self._timer
         if timer is None:
             self._timer = self._ctx.reactor.callLater(delay, self._on_timer)
@@ -519,14 +530,16 @@ class Frontend:
         if timer is not None and timer.active():
             timer.cancel()
 
-    def _watch(self, kind: str) -> None:
+    def _watch(self, kind: str, now: float | None = None) -> None:
         """Count inactivity from now: data in either direction postpones it.
 
         Data only records the time of the last chunk (``_last``); the timer
         checks it when it fires.
         """
-        self._last = self._ctx.reactor.seconds()
-        self._arm(self._timeout_of(kind), kind)
+        if now is None:
+            now = self._ctx.reactor.seconds()
+        self._last = now
+        self._arm(self._timeout_of(kind), kind, now)
 
     def _timeout_of(self, kind: str) -> float:
         cfg = self._ctx.config.proxy
@@ -628,30 +641,35 @@ class Frontend:
     def _read_head(self, data: bytes) -> None:
         parser = self._head_parser
         assert parser is not None
-        if self._state == _IDLE:
+        # One clock read serves every timestamp and deadline of this segment.
+        now = self._ctx.reactor.seconds()
+        started = self._state == _IDLE
+        if started:
             self._state = _HEAD
-            self._t_head = self._ctx.reactor.seconds()
-            if not self._first:
-                # The keep-alive wait is over; the head now has its deadline.
-                self._arm(self._ctx.config.proxy.timeout_http_request, _T_REQUEST)
+            self._t_head = now
         try:
             head = parser.feed(data)
         except ProtocolError as e:
             self._fail(e.status_hint or 400, e.reason)
             return
         if head is not None:
-            self._start_exchange(head, parser.take_rest())
+            # A head complete in its first segment never needs the head
+            # deadline: the exchange arms its own timer at once.
+            self._start_exchange(head, parser.take_rest(), now)
+        elif started and not self._first:
+            # The keep-alive wait is over; the head now has its deadline.
+            self._arm(self._ctx.config.proxy.timeout_http_request, _T_REQUEST, now)
 
     # -- routing and connecting ---------------------------------------------
 
-    def _start_exchange(self, head: RequestHead, rest: bytes) -> None:
+    def _start_exchange(self, head: RequestHead, rest: bytes, now: float) -> None:
         ctx = self._ctx
         # Connecting has its own timeout (timeout_connect, then retries).
         self._timer_kind = _T_NONE
         self._state = _EXCHANGE
         self._first = False
         self._request = head
-        self._t_request = self._ctx.reactor.seconds()
+        self._t_request = now
         self._t_routed = self._t_sent = self._t_response = -1.0
         self._status = 0
         self._out_mark = self._out
@@ -665,17 +683,11 @@ class Frontend:
         self._pending = rest
         self._retries_left = ctx.config.proxy.retries
         self._exclude = _NOBODY
-        values = prepare_request(head, self.client_ip, ctx.options, self.proxy_info)
-        signer = ctx.signer
-        if signer is not None:
-            # A tampered, expired or unknown token is no cookie at all.
-            self._tokens = signer.verify_all(values, self._t_request)
-            values = [token.server_cookie for token in self._tokens]
-        self._cookie_values = values
         route = None
         if ctx.engine.prefix:
             try:
-                route = ctx.engine.inspect(head, self._t_request)
+                # First: untagging a sid changes the target that is forwarded.
+                route = ctx.engine.inspect(head, now)
             except SidError as e:
                 # Servers disagree on which of two sids wins: routing by
                 # either could send the request to the wrong session.
@@ -684,15 +696,26 @@ class Frontend:
                 self._fail(400, e.reason)
                 return
         self._engine_route = route
-        self._request_bytes = head.serialize()
-        if route is not None and route.sid is not None and route.server is None:
+        values, self._request_bytes = prepare_request_bytes(
+            head, self.client_ip, ctx.options, self.proxy_info
+        )
+        signer = ctx.signer
+        if signer is not None:
+            # A tampered, expired or unknown token is no cookie at all.
+            self._tokens = signer.verify_all(values, now)
+            values = [token.server_cookie for token in self._tokens]
+        self._cookie_values = values
+        if route is None:
+            self._route(ctx.pool.choose(values, self._hash_key()), now)
+            return
+        if route.sid is not None and route.server is None:
             store = ctx.store
             if store is not None:
                 # Another proxy of the fleet may have seen the handshake.
                 self._throttle.pause(Throttle.WAITING)
                 store.get(route.sid).addCallback(self._stored_session, head)
                 return
-        self._route(self._decide())
+        self._route(self._decide(), now)
 
     def _decide(self) -> Decision:
         """Route the current request: its session first, then cookie and hash."""
@@ -752,7 +775,7 @@ class Frontend:
             key = self._key = address_key(self.client_ip)
         return key
 
-    def _route(self, decision: Decision) -> None:
+    def _route(self, decision: Decision, now: float | None = None) -> None:
         self._decision = decision
         server = decision.server
         ctx = self._ctx
@@ -770,17 +793,21 @@ class Frontend:
             self._enqueue(ctx.queues[server.name])
             return
         ctx.pool.acquire(server)
-        self._t_routed = ctx.reactor.seconds()
+        if now is None:
+            now = ctx.reactor.seconds()
+        self._t_routed = now
         idle, self._idle_backend = self._idle_backend, None
         if idle is not None:
-            if (
-                idle.alive
-                and idle.server.name == server.name
-                and idle.server.address == server.address
+            iserver = idle.server
+            if idle.alive and (
+                iserver is server
+                or (iserver.name == server.name and iserver.address == server.address)
             ):
+                # Still each other's producers since the last exchange.
                 self._reused = True
-                self._attach(idle)
+                self._send_request(idle, now)
                 return
+            self._unregister(idle)
             idle.detach_and_close()
         self._reused = False
         self._connect(server)
@@ -867,24 +894,39 @@ class Frontend:
         self._attach(backend)
 
     def _attach(self, backend: Backend) -> None:
-        """Send the request to a connected backend and stream the rest."""
+        """Send the request to a newly connected backend and stream the rest."""
+        # Each transport throttles the other: a full write buffer on one side
+        # pauses reading on the other (Twisted's portforward pattern). The
+        # pairing lasts while the backend connection is kept for this client.
+        backend.transport.registerProducer(self._throttle, True)
+        self.transport.registerProducer(backend.throttle, True)
+        self._send_request(backend, self._ctx.reactor.seconds())
+
+    def _unregister(self, backend: Backend) -> None:
+        """Undo :meth:`_attach`'s pairing of the two transports."""
+        if backend.transport is not None:
+            backend.transport.unregisterProducer()
+        if self.transport is not None:
+            self.transport.unregisterProducer()
+        self._throttle.resume(Throttle.BACKPRESSURE)
+
+    def _send_request(self, backend: Backend, now: float) -> None:
+        """Send the request to ``backend``, paired with this connection."""
         self._backend = backend
         backend.start_response()
-        btransport = backend.transport
-        # Each transport throttles the other: a full write buffer on one side
-        # pauses reading on the other (Twisted's portforward pattern).
-        btransport.registerProducer(self._throttle, True)
-        self.transport.registerProducer(backend.throttle, True)
-        relay_write(btransport, self._request_bytes)
-        self._t_sent = self._ctx.reactor.seconds()
-        self._throttle.resume(Throttle.WAITING)
+        relay_write(backend.transport, self._request_bytes)
+        self._t_sent = now
+        throttle = self._throttle
+        if throttle.reasons & Throttle.WAITING:
+            throttle.resume(Throttle.WAITING)
         pending, self._pending = self._pending, b""
         if self._request_done:
-            self._watch(_T_SERVER)
+            self._last = now
+            self._arm(self._ctx.config.proxy.timeout_server, _T_SERVER, now)
             if pending:
                 self._hold(pending)
         else:
-            self._watch(_T_CLIENT)
+            self._watch(_T_CLIENT, now)
             if pending:
                 self._forward_request_body(pending)
 
@@ -911,8 +953,11 @@ class Frontend:
 
     # -- the response --------------------------------------------------------
 
-    def response_head(self, head: ResponseHead) -> None:
-        """A complete response head arrived from the backend."""
+    def response_head(self, head: ResponseHead, now: float | None = None) -> None:
+        """A complete response head arrived from the backend.
+
+        :param now: the time it arrived, if already read.
+        """
         request = self._request
         decision = self._decision
         backend = self._backend
@@ -938,30 +983,36 @@ class Frontend:
         server = backend.server
         insert = self._cookie_to_set(server, decision)
         ctx = self._ctx
-        prepare_response(
-            head,
-            ctx.options,
-            insert_value=insert,
-            close=close and status != 101,
-            tls=insert is not None and self._client_tls(request),
-        )
+        tls = insert is not None and self._client_tls(request)
+        route = self._engine_route
         decision_header = ctx.config.proxy.decision_header
-        if decision_header:
-            head.add(
-                decision_header.encode("ascii"),
-                f"{decision.reason}; server={server.name}".encode("ascii"),
+        if route is None and not decision_header:
+            data = prepare_response_bytes(
+                head, ctx.options, insert_value=insert, close=close and status != 101, tls=tls
             )
+        else:
+            prepare_response(
+                head, ctx.options, insert_value=insert, close=close and status != 101, tls=tls
+            )
+            if decision_header:
+                head.add(
+                    decision_header.encode("ascii"),
+                    f"{decision.reason}; server={server.name}".encode("ascii"),
+                )
+            data = b""  # serialized below, once the engine.io handling is known
         self._response_started = True
         self._close_after = close
-        self._t_response = ctx.reactor.seconds()
+        self._t_response = ctx.reactor.seconds() if now is None else now
         self._status = status
-        self._count_response(server, decision, status)
-        if status == 101:
-            relay_write(self.transport, head.serialize())
-            self._start_tunnel(backend)
-            return
-        route = self._engine_route
-        if route is not None:
+        stats = ctx.stats
+        count_exchange(
+            stats.frontend,
+            stats.server(server.name),
+            status,
+            decision.reason,
+            decision.set_cookie,
+        )
+        if route is not None and status != 101:
             chunked = framing.kind == "chunked"
             if framing.kind in ("length", "chunked") and ctx.engine.capture_for(route, head):
                 # Hold the handshake until the session is learned (and stored).
@@ -978,9 +1029,15 @@ class Frontend:
                     relay_write(self.transport, data)
                     backend.start_body(framing, b"")
                     return
-        # The head leaves together with the body bytes already read, in
-        # one write: one segment instead of two for small responses.
-        backend.start_body(framing, head.serialize())
+        if not data:
+            data = head.serialize()
+        if status == 101:
+            relay_write(self.transport, data)
+            self._start_tunnel(backend)
+        else:
+            # The head leaves together with the body bytes already read, in
+            # one write: one segment instead of two for small responses.
+            backend.start_body(framing, data)
 
     def _client_tls(self, request: RequestHead) -> bool:
         """Whether the client reached the balancer over TLS (``secure = auto``)."""
@@ -1011,45 +1068,30 @@ class Frontend:
                 return None
         return None
 
-    def _count_response(self, server: Server, decision: Decision, status: int) -> None:
-        stats = self._ctx.stats
-        for counters in (stats.frontend, stats.server(server.name)):
-            counters.requests += 1
-            counters.response(status)
-            reason = decision.reason
-            if reason == "cookie":
-                counters.cookie_hits += 1
-            elif reason[0] == "s":  # sid-tag, sid-table, sid-store
-                counters.sid_routed += 1
-                if decision.set_cookie:
-                    counters.cookie_inserts += 1
-            elif decision.set_cookie:
-                counters.cookie_inserts += 1
-                if reason == "cookie-unusable":
-                    counters.repins += 1
-                elif reason == "redispatch":
-                    counters.redispatches += 1
-
     def flush_bytes(self) -> None:
         """Add this connection's byte counts to the totals."""
         stats = self._ctx.stats
         server = self._tunnel_server or (self._backend.server if self._backend else None)
         if server is None and self._decision is not None:
             server = self._decision.server
-        targets: list[Counters] = [stats.frontend]
-        if server is not None:
-            targets.append(stats.server(server.name))
         new_in = self._in - self._flushed_in
         new_out = self._out - self._flushed_out
-        for counters in targets:
+        frontend = stats.frontend
+        frontend.bytes_in += new_in
+        frontend.bytes_out += new_out
+        if server is not None:
+            counters = stats.server(server.name)
             counters.bytes_in += new_in
             counters.bytes_out += new_out
         self._flushed_in = self._in
         self._flushed_out = self._out
 
-    def response_body(self, data: bytes) -> None:
-        """Part of a response body, already framed: forward it."""
-        self._last = self._ctx.reactor.seconds()
+    def response_body(self, data: bytes, now: float | None = None) -> None:
+        """Part of a response body, already framed: forward it.
+
+        :param now: the time it arrived, if already read.
+        """
+        self._last = self._ctx.reactor.seconds() if now is None else now
         capture = self._capture
         if capture is not None:
             if capture.feed(data):
@@ -1141,9 +1183,12 @@ class Frontend:
         backend = self._backend
         assert backend is not None
         self.flush_bytes()
-        self._log_request(backend.server.name)
-        self._release_backend()
-        if reusable and self._request_done and not self._close_after:
+        if self._ctx.config.proxy.access_log != "off":
+            self._log_request(backend.server.name)
+        keep = reusable and self._request_done and not self._close_after
+        # A kept connection stays paired with this one (see _attach).
+        self._release_backend(paired=keep)
+        if keep:
             backend.park()
             self._idle_backend = backend
         else:
@@ -1151,39 +1196,43 @@ class Frontend:
         if not self._request_done or self._close_after or self._client_eof:
             self._close()
         else:
-            self._next_request()
+            self._next_request(self._last)
 
-    def _next_request(self) -> None:
+    def _next_request(self, now: float | None = None) -> None:
         """Go back to waiting for a request on a keep-alive connection."""
         self._request = None
         self._decision = None
         self._engine_route = None
         self._body = None
         self._state = _IDLE
-        self._arm(self._ctx.config.proxy.timeout_http_keep_alive, _T_KEEPALIVE)
-        self._throttle.resume(Throttle.WAITING)
+        self._arm(self._ctx.config.proxy.timeout_http_keep_alive, _T_KEEPALIVE, now)
+        throttle = self._throttle
+        if throttle.reasons & Throttle.WAITING:
+            throttle.resume(Throttle.WAITING)
         pending, self._pending = self._pending, b""
         if pending:
             self._read_head(pending)
 
-    def _release_backend(self) -> Backend | None:
-        """Stop relaying with the current backend; give back its slot."""
+    def _release_backend(self, *, paired: bool = False) -> Backend | None:
+        """Stop relaying with the current backend; give back its slot.
+
+        :param paired: keep the transports registered as each other's
+            producers, for a backend connection kept for the next request.
+        """
         backend = self._backend
         if backend is None:
             return None
         self._backend = None
         self._ctx.release(backend.server)
-        if backend.transport is not None:
-            backend.transport.unregisterProducer()
-        if self.transport is not None:
-            self.transport.unregisterProducer()
-        self._throttle.resume(Throttle.BACKPRESSURE)
+        if not paired:
+            self._unregister(backend)
         return backend
 
     def backend_lost(self, backend: Backend, got_response: bool, reason: str) -> None:
         """The backend closed before its response was complete."""
         if backend is self._idle_backend:
             self._idle_backend = None
+            self._unregister(backend)
             return
         if backend is not self._backend:
             return
@@ -1402,6 +1451,12 @@ class Frontend:
             return
         self._state = _CLOSED
         self._disarm()
+        idle, self._idle_backend = self._idle_backend, None
+        if idle is not None:
+            # A transport does not close while it has a producer registered
+            # and paused (see _attach); nor is the connection needed anymore.
+            self._unregister(idle)
+            idle.detach_and_close()
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -1455,6 +1510,7 @@ class Frontend:
             backend.detach_and_close()
         idle, self._idle_backend = self._idle_backend, None
         if idle is not None:
+            self._unregister(idle)
             idle.detach_and_close()
         connecting, self._connecting = self._connecting, None
         if connecting is not None:
@@ -1562,7 +1618,8 @@ class Backend:
     def _send(self, data: bytes) -> None:
         frontend = self.frontend
         assert frontend is not None
-        frontend.response_body(data)
+        # Sent while handling the head, whose arrival time the frontend has.
+        frontend.response_body(data, frontend._last)
 
     def start_tunnel(self) -> None:
         """A 101 was relayed: from now on bytes flow unparsed."""
@@ -1594,7 +1651,7 @@ class Backend:
         self._got_response = True
         parser = self._parser
         assert parser is not None
-        frontend._last = frontend._ctx.reactor.seconds()
+        now = frontend._last = frontend._ctx.reactor.seconds()
         while True:
             try:
                 head = parser.feed(data)
@@ -1606,7 +1663,7 @@ class Backend:
                 return
             if not head.keep_alive:
                 self._reusable = False
-            frontend.response_head(head)
+            frontend.response_head(head, now)
             if self._state != _B_HEAD or self.frontend is None:
                 return
             # That was an interim (1xx) response; the final one follows.

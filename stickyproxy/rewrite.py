@@ -11,13 +11,27 @@ from dataclasses import dataclass, field
 
 from stickyproxy import cookies
 from stickyproxy.config import CookieConfig
-from stickyproxy.httphead import RequestHead, ResponseHead, strip_hop_by_hop
+from stickyproxy.httphead import HOP_BY_HOP, RequestHead, ResponseHead, strip_hop_by_hop
 from stickyproxy.proxyproto import ProxyInfo
 
 _X_FORWARDED_FOR = b"x-forwarded-for"
 _X_PROXY_AUTHORITY = b"x-proxy-authority"
 _X_UNIQUE_ID = b"x-unique-id"
 _SET_COOKIE = b"set-cookie"
+_COOKIE = b"cookie"
+_CACHE_CONTROL = b"cache-control"
+
+# Fields that make prepare_request or prepare_response do more than append:
+# a message with none of them (names compared by length first, so most lines
+# cost no lower-casing) is rewritten by appending the proxy's own fields.
+_REQUEST_EDITED = HOP_BY_HOP | {_X_FORWARDED_FOR, _X_PROXY_AUTHORITY, _X_UNIQUE_ID}
+_REQUEST_EDITED_LENGTHS = frozenset(len(name) for name in _REQUEST_EDITED | {_COOKIE})
+_RESPONSE_EDITED = HOP_BY_HOP | {_SET_COOKIE, _CACHE_CONTROL}
+_RESPONSE_EDITED_LENGTHS = frozenset(len(name) for name in _RESPONSE_EDITED)
+
+#: How many ``Set-Cookie`` values :class:`ForwardOptions` remembers. Unsigned
+#: values are the servers' cookies, a handful; signed ones are all different.
+_SET_COOKIE_VALUES_MAX = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,10 +44,24 @@ class ForwardOptions:
     #: The persistence cookie's names (:func:`stickyproxy.cookies.cookie_names`),
     #: computed once here rather than on every request.
     cookie_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    #: ``Set-Cookie`` field values already built, by cookie value and TLS.
+    set_cookie_cache: dict[tuple[str, bool], tuple[bytes, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         # A frozen dataclass sets derived fields through object.__setattr__.
         object.__setattr__(self, "cookie_names", cookies.cookie_names(self.cookie))
+
+    def set_cookies(self, value: str, tls: bool = False) -> tuple[bytes, ...]:
+        """The ``Set-Cookie`` field values that pin a client to ``value``."""
+        key = (value, tls)
+        found = self.set_cookie_cache.get(key)
+        if found is None:
+            found = tuple(cookies.set_cookie_values(self.cookie, value, tls=tls))
+            if len(self.set_cookie_cache) < _SET_COOKIE_VALUES_MAX:
+                self.set_cookie_cache[key] = found
+        return found
 
 
 def prepare_request(
@@ -78,6 +106,45 @@ def prepare_request(
         if proxy_info is not None and proxy_info.unique_id:
             head.add(b"X-Unique-ID", _header_safe(proxy_info.unique_id))
     return values
+
+
+def prepare_request_bytes(
+    head: RequestHead,
+    client_ip: str,
+    options: ForwardOptions,
+    proxy_info: ProxyInfo | None = None,
+) -> tuple[list[str], bytes]:
+    """:func:`prepare_request`, and the rewritten head serialized.
+
+    The usual request, with no hop-by-hop field nor any field the proxy
+    replaces, is rewritten in one pass over its fields; the result is the
+    same as :func:`prepare_request`'s.
+
+    :returns: the values of the persistence cookie, and the head's bytes.
+    """
+    cookie = False
+    for name, _ in head.headers:
+        if len(name) in _REQUEST_EDITED_LENGTHS:
+            lower = name.lower()
+            if lower in _REQUEST_EDITED:
+                break
+            if lower == _COOKIE:
+                cookie = True
+    else:
+        if not options.proxy_tlv_headers:
+            values: list[str] = []
+            if cookie:
+                names = options.cookie_names
+                values, stripped = cookies.extract(
+                    head.headers, names[0] if len(names) == 1 else names
+                )
+                if options.cookie.indirect:
+                    head.headers = stripped
+            if options.forwarded_for:
+                head.headers.append((b"X-Forwarded-For", client_ip.encode("ascii")))
+            return values, head.serialize()
+    values = prepare_request(head, client_ip, options, proxy_info)
+    return values, head.serialize()
 
 
 def _header_safe(value: bytes) -> bytes:
@@ -125,12 +192,42 @@ def prepare_response(
         ]
     strip_hop_by_hop(head, keep_upgrade=head.status == 101)
     if insert_value is not None:
-        for value in cookies.set_cookie_values(options.cookie, insert_value, tls=tls):
+        for value in options.set_cookies(insert_value, tls):
             head.add(b"Set-Cookie", value)
         if options.cookie.nocache and head.status >= 200:
             head.headers = cookies.make_private(head.headers)
     if close:
         head.add(b"Connection", b"close")
+
+
+def prepare_response_bytes(
+    head: ResponseHead,
+    options: ForwardOptions,
+    *,
+    insert_value: str | None,
+    close: bool,
+    tls: bool = False,
+) -> bytes:
+    """:func:`prepare_response`, and the rewritten head serialized.
+
+    The usual response, with no hop-by-hop field, ``Set-Cookie`` or
+    ``Cache-Control``, is rewritten by appending fields only; the result is
+    the same as :func:`prepare_response`'s.
+    """
+    headers = head.headers
+    for name, _ in headers:
+        if len(name) in _RESPONSE_EDITED_LENGTHS and name.lower() in _RESPONSE_EDITED:
+            prepare_response(head, options, insert_value=insert_value, close=close, tls=tls)
+            return head.serialize()
+    if insert_value is not None:
+        for value in options.set_cookies(insert_value, tls):
+            headers.append((b"Set-Cookie", value))
+        if options.cookie.nocache and head.status >= 200:
+            # What make_private does to a response without Cache-Control.
+            headers.append((b"Cache-Control", b"private"))
+    if close:
+        headers.append((b"Connection", b"close"))
+    return head.serialize()
 
 
 _REASONS = {

@@ -16,6 +16,10 @@ _CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
 DECISIONS = ("sid-tag", "sid-table", "sid-store", "cookie", "cookie-unusable", "hash", "redispatch")
 
 
+#: The class of every valid status code, looked up once per response.
+_CLASS_OF: dict[int, str] = {status: _CLASSES[status // 100] for status in range(100, 600)}
+
+
 @dataclass(slots=True, eq=False)
 class Counters:
     """What one server (or the whole frontend) has seen."""
@@ -40,7 +44,7 @@ class Counters:
 
     def response(self, status: int) -> None:
         """Count one response by its class."""
-        self.responses[_CLASSES[status // 100] if 100 <= status <= 599 else "other"] += 1
+        self.responses[_CLASS_OF.get(status, "other")] += 1
 
     def unknown_sessions_by_decision(self) -> dict[str, dict[str, int]]:
         """``{decision: {kind: count}}``: which routing led to which answer."""
@@ -85,6 +89,37 @@ class FrontendCounters(Counters):
         result["connections_total"] = self.connections_total
         result["errors"] = {str(k): v for k, v in sorted(self.errors.items())}
         return result
+
+
+def count_exchange(
+    frontend: Counters, server: Counters, status: int, reason: str, set_cookie: bool
+) -> None:
+    """Count one response relayed from ``server``, for it and the frontend.
+
+    :param reason: how the request was routed (a :data:`DECISIONS` name).
+    :param set_cookie: whether the response pins the client with our cookie.
+    """
+    kind = _CLASS_OF.get(status, "other")
+    frontend.requests += 1
+    server.requests += 1
+    frontend.responses[kind] += 1
+    server.responses[kind] += 1
+    if reason == "cookie":
+        frontend.cookie_hits += 1
+        server.cookie_hits += 1
+        return
+    if reason[0] == "s":  # sid-tag, sid-table, sid-store
+        frontend.sid_routed += 1
+        server.sid_routed += 1
+    if set_cookie:
+        frontend.cookie_inserts += 1
+        server.cookie_inserts += 1
+        if reason == "cookie-unusable":
+            frontend.repins += 1
+            server.repins += 1
+        elif reason == "redispatch":
+            frontend.redispatches += 1
+            server.redispatches += 1
 
 
 class Stats:

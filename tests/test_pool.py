@@ -511,3 +511,44 @@ def test_set_weight_moves_clients_like_a_configuration_change() -> None:
 
 def _parts(config: Any) -> tuple[Any, Any, Any]:
     return config.servers, config.health, config.balance
+
+
+@given(
+    hash_function=st.sampled_from(["default", "haproxy"]),
+    states=st.lists(
+        st.tuples(
+            st.sampled_from(["ready", "drain", "maint"]),
+            st.booleans(),  # health check failing
+            st.integers(0, 3),  # active requests (maxconn is 2)
+            st.sampled_from([None, 0, 5]),  # weight override
+        ),
+        min_size=3,
+        max_size=3,
+    ),
+    key=st.binary(min_size=4, max_size=4),
+)
+def test_a_hashed_request_lands_where_the_ring_lookup_says_whatever_the_states(
+    hash_function: str, states: list[tuple[str, bool, int, int | None]], key: bytes
+) -> None:
+    pool = make_pool(
+        [ServerConfig(f"s{i}", "h", 1, f"s{i}", maxconn=2, check=True) for i in (1, 2, 3)],
+        rise=1,
+        hash_function=hash_function,
+    )
+    # Route once with everyone up, so that the key's first choice is known
+    # before the states change under it.
+    pool.choose([], key)
+    for server, (admin, failing, active, weight) in zip(pool.servers.values(), states, strict=True):
+        server.admin = admin  # type: ignore[assignment]
+        server.health = 0 if failing else server.rise
+        server.active = active
+        if weight is not None:
+            pool.set_weight(server.name, weight)
+    expected = pool.ring.lookup(
+        key,
+        lambda name: pool.servers[name].state is State.UP,
+        skip=lambda name: not pool.servers[name].accepts_new,
+    )
+    decision = pool.choose([], key)
+    assert (decision.server.name if decision.server else None) == expected
+    assert pool.choose([], key) == decision

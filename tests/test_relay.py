@@ -87,6 +87,41 @@ def test_keep_alive_reuses_the_backend_connection_for_the_same_server() -> None:
     assert len(h.attempts()) == 1
 
 
+def test_a_kept_backend_connection_stays_paired_with_its_client_until_dropped() -> None:
+    """Each transport throttles the other while the backend is kept (parked)."""
+    h = Harness()
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host=s1\r\n\r\n")
+    first, first_transport = h.accept()
+    first.dataReceived(ok())
+    assert h.client.producer is first.throttle
+    assert first_transport.producer is not None
+    # A request for another server: the kept connection is closed, unpaired.
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host=s2\r\n\r\n")
+    assert first_transport.producer is None and first_transport.disconnecting
+    second, second_transport = h.accept()
+    assert h.client.producer is second.throttle
+    second.dataReceived(ok())
+    # The client leaves: nothing may hold its transport open.
+    h.frontend.readConnectionLost()
+    assert h.client.producer is None and h.client.disconnecting
+    assert second_transport.producer is None and second_transport.disconnecting
+
+
+def test_a_kept_backend_connection_closed_by_its_server_is_unpaired() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host=s1\r\n\r\n")
+    backend, _ = h.accept()
+    backend.dataReceived(ok())
+    backend.connectionLost()
+    assert h.client.producer is None
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\nCookie: storify_editor_host=s1\r\n\r\n")
+    assert len(h.attempts()) == 2
+    again, _ = h.accept()
+    assert h.client.producer is again.throttle
+
+
 def test_a_backend_set_cookie_with_our_name_is_dropped() -> None:
     h = Harness()
     h.proxy_header()
