@@ -1398,11 +1398,35 @@ class Frontend:
                 backend.transport.loseWriteConnection()
             return
         if self._state == _EXCHANGE and self._request_done:
+            if self._long_poll_waiting():
+                # engine.io ends a session whose long poll is cut ("poll
+                # connection closed prematurely"); a poll held on behind a
+                # vanished client would keep a dead session alive for up to
+                # a ping interval. Pass the disconnect on.
+                backend = self._release_backend()
+                if backend is not None:
+                    self._log_request(backend.server.name, 0, "client closed during a long poll")
+                    backend.detach_and_close()
+                self._close()
+                return
             # A client may half-close once its request is sent; answer it.
             self._client_eof = True
             self._close_after = True
             return
         self._close()
+
+    def _long_poll_waiting(self) -> bool:
+        """Whether an engine.io polling GET of a session awaits its answer."""
+        route = self._engine_route
+        request = self._request
+        return (
+            route is not None
+            and route.sid is not None
+            and route.request.transport == "polling"
+            and request is not None
+            and request.method == b"GET"
+            and not self._response_started
+        )
 
     def writeConnectionLost(self) -> None:
         """Our FIN to the client went out; nothing more to do."""

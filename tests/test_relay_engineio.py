@@ -313,3 +313,26 @@ def test_a_store_that_knows_nothing_falls_back_to_cookie_and_hash() -> None:
     h.send(poll(SID, b"Cookie: storify_editor_host=s2\r\n"))
     store.answer()
     assert h.server_of() == "s2"
+
+
+def test_a_client_that_cuts_its_long_poll_cuts_it_at_the_backend_too() -> None:
+    h = Harness(config=config())
+    open_session(h)
+    h.send(poll(SID))
+    backend, transport = h.backends[-1]
+    assert transport.value().startswith(b"GET /socket.io/")  # the same kept-alive connection
+    h.frontend.readConnectionLost()
+    # The backend sees the poll end, as it would without a proxy.
+    assert transport.disconnecting
+    assert h.client.disconnecting
+
+
+def test_a_half_close_after_an_ordinary_request_still_gets_its_answer() -> None:
+    h = Harness(config=config())
+    h.proxy_header()
+    h.send(b"GET /api HTTP/1.1\r\nHost: app\r\n\r\n")
+    backend, transport = h.accept()
+    h.frontend.readConnectionLost()
+    assert not transport.disconnecting
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert h.output().endswith(b"ok")
