@@ -319,7 +319,7 @@ def test_a_client_that_cuts_its_long_poll_cuts_it_at_the_backend_too() -> None:
     h = Harness(config=config())
     open_session(h)
     h.send(poll(SID))
-    backend, transport = h.backends[-1]
+    _, transport = h.backends[-1]
     assert transport.value().startswith(b"GET /socket.io/")  # the same kept-alive connection
     h.frontend.readConnectionLost()
     # The backend sees the poll end, as it would without a proxy.
