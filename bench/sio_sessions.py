@@ -54,16 +54,16 @@ timeouts). The exit status is 0 whatever the counts: this is a measurement.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from tests.integration.harness import Backend, Launcher, Proxy, http_get, proxy_config
+from tests.integration.fleet import start_fleet
+from tests.integration.harness import Backend, Launcher, proxy_config
+from tests.integration.redis_server import RedisServer
 from tests.integration.sio_apps import (
     launch_haproxy,
     launch_sio_backends,
@@ -72,7 +72,6 @@ from tests.integration.sio_apps import (
     seed_source_backend,
 )
 from tests.integration.sio_clients import LoadResult, run_load
-from tests.integration.test_socketio_fleet import RedisServer, fleet_backend_section
 
 TARGETS = (
     "haproxy-seed",
@@ -127,28 +126,12 @@ def fleet_port(target: str, launch: Launcher, backends: list[Backend]) -> int:
         redis.start()
         assert redis.proc is not None
         launch.procs.append(redis.proc)
-        engineio["sid_store"] = redis.url
-    config = proxy_config(backends, engineio=engineio)
-    proxies = [launch.stickyproxy(config) for _ in range(2)]
+        engineio["sid_store"] = redis.database_url(0)
+    fleet = start_fleet(launch, backends, engineio)
     if "sid_store" in engineio:
         # Until a proxy's store is connected, its handshakes are not shared.
-        wait_for_stores(proxies)
-    l4 = fleet_backend_section(proxies)
-    return launch_haproxy(launch, l4, mode="tcp", rotate_source=True).port
-
-
-def wait_for_stores(proxies: Sequence[Proxy], timeout: float = 15.0) -> None:
-    """Wait until every proxy's ``/stats.json`` says its store is connected."""
-    deadline = time.monotonic() + timeout
-    for proxy in proxies:
-        assert proxy.admin_port is not None
-        while True:
-            stats = json.loads(http_get(proxy.admin_port, "/stats.json").body)
-            if (stats["engineio"]["store"] or {}).get("connected"):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the proxy on port {proxy.port} never reached Redis")
-            time.sleep(0.05)
+        fleet.wait_for_stores()
+    return fleet.port
 
 
 def measure(

@@ -26,28 +26,11 @@ from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from stickyproxy.sidstore import SidStore, StoreAddress, parse_store_url
-from tests.helpers import splits
+from tests.helpers import bulk, resp, splits
 
 T = TypeVar("T")
 
 ADDRESS = parse_store_url("redis://127.0.0.1:6379/2")
-
-
-def resp(*args: str) -> bytes:
-    """A command as a client sends it: a RESP array of bulk strings."""
-    out = [f"*{len(args)}\r\n".encode()]
-    for arg in args:
-        data = arg.encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-def bulk(value: str | None) -> bytes:
-    """A bulk string reply, or the null reply for None."""
-    if value is None:
-        return b"$-1\r\n"
-    data = value.encode()
-    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 class FakeRedis:

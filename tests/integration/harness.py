@@ -23,7 +23,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, NamedTuple, Protocol
@@ -199,7 +199,16 @@ def start_backend(name: str, tmp_path: Path) -> Backend:
 
 def start_backends(names: Iterable[str], tmp_path: Path) -> list[Backend]:
     """Start several demo backends at once (they boot in parallel)."""
-    spawned = [(name, *_spawn_backend(name, tmp_path)) for name in names]
+    return wait_for_backends([(name, *_spawn_backend(name, tmp_path)) for name in names])
+
+
+def wait_for_backends(spawned: Sequence[tuple[str, Proc, Path]]) -> list[Backend]:
+    """Wait until each spawned backend has written its port to its ready file.
+
+    :param spawned: each backend's name, process and ready file.
+    :raises ProcessNotReadyError: a backend failed to start; all of them are
+        stopped before raising, so that none outlives a failed start.
+    """
     backends: list[Backend] = []
     try:
         for name, proc, ready in spawned:
@@ -314,51 +323,36 @@ def proxy_config(backends: Sequence[Named], **overrides: Mapping[str, str | None
     return _render_ini(sections)
 
 
-def start_haproxy_l4(
-    target_port: int,
-    tmp_path: Path,
-    send_proxy: Literal["v1", "v2", "none"] = "v2",
+def start_haproxy(
+    render: Callable[[str, str], str], tmp_path: Path, *, backlog: int = 128
 ) -> Haproxy:
-    """Run HAProxy in ``mode tcp`` in front of ``127.0.0.1:target_port``.
+    """Run HAProxy on a configuration built around a listener bound here.
 
-    This is the L4 balancer of production (the ELB): it passes bytes through
-    and, unless ``send_proxy`` is ``"none"``, prepends a PROXY header.
+    The listener is bound to an OS-chosen loopback port before HAProxy starts
+    and inherited as ``bind fd@N``. The runtime API socket is in the abstract
+    namespace: it needs no file and has no path-length limit. The call returns
+    once HAProxy answers ``show info`` there.
+
+    :param render: builds the whole configuration from the listener's bind
+        address (``fd@N``) and the runtime API socket's (``abns@NAME``), to be
+        written as ``bind ADDRESS`` and ``stats socket ADDRESS``.
+    :param backlog: the listener's accept queue.
     """
     executable = find_haproxy()
     if executable is None:
         raise FileNotFoundError("haproxy is not installed")
     serial = next(_serial)
-    option = {"v1": " send-proxy", "v2": " send-proxy-v2", "none": ""}[send_proxy]
-    # An abstract-namespace socket needs no file and has no path-length limit.
+    stats_name = f"stickyproxy-test-{os.getpid()}-{serial}"
     # HAProxy pads "abns@" names with NULs to the full sun_path (108 bytes on
     # Linux), so the address we connect to is padded the same way.
-    stats_name = f"stickyproxy-test-{os.getpid()}-{serial}"
     stats_address = ("\0" + stats_name).encode().ljust(108, b"\0")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
         listener.bind(("127.0.0.1", 0))
-        listener.listen(128)
+        listener.listen(backlog)
         port = listener.getsockname()[1]
         fd = listener.fileno()
-        config = (
-            "global\n"
-            "    nbthread 1\n"
-            f"    stats socket abns@{stats_name} level user\n"
-            "    log stderr format raw local0 info\n"
-            "defaults\n"
-            "    mode tcp\n"
-            "    log global\n"
-            "    option tcplog\n"
-            "    timeout connect 5s\n"
-            "    timeout client 60s\n"
-            "    timeout server 60s\n"
-            "frontend l4\n"
-            f"    bind fd@{fd}\n"
-            "    default_backend stickyproxy\n"
-            "backend stickyproxy\n"
-            f"    server sp 127.0.0.1:{target_port}{option}\n"
-        )
         config_path = tmp_path / f"haproxy-{serial}.cfg"
-        config_path.write_text(config)
+        config_path.write_text(render(f"fd@{fd}", f"abns@{stats_name}"))
         proc = spawn(
             "haproxy", [executable, "-f", str(config_path), "-db"], tmp_path, pass_fds=(fd,)
         )
@@ -374,6 +368,41 @@ def start_haproxy_l4(
             pass
         _check_progress(proc, deadline, "HAProxy's stats socket")
         time.sleep(_POLL_INTERVAL)
+
+
+def start_haproxy_l4(
+    target_port: int,
+    tmp_path: Path,
+    send_proxy: Literal["v1", "v2", "none"] = "v2",
+) -> Haproxy:
+    """Run HAProxy in ``mode tcp`` in front of ``127.0.0.1:target_port``.
+
+    This is the L4 balancer of production (the ELB): it passes bytes through
+    and, unless ``send_proxy`` is ``"none"``, prepends a PROXY header.
+    """
+    option = {"v1": " send-proxy", "v2": " send-proxy-v2", "none": ""}[send_proxy]
+
+    def render(listener: str, stats_socket: str) -> str:
+        return (
+            "global\n"
+            "    nbthread 1\n"
+            f"    stats socket {stats_socket} level user\n"
+            "    log stderr format raw local0 info\n"
+            "defaults\n"
+            "    mode tcp\n"
+            "    log global\n"
+            "    option tcplog\n"
+            "    timeout connect 5s\n"
+            "    timeout client 60s\n"
+            "    timeout server 60s\n"
+            "frontend l4\n"
+            f"    bind {listener}\n"
+            "    default_backend stickyproxy\n"
+            "backend stickyproxy\n"
+            f"    server sp 127.0.0.1:{target_port}{option}\n"
+        )
+
+    return start_haproxy(render, tmp_path)
 
 
 class Launcher:

@@ -35,11 +35,10 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
-import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -151,11 +150,17 @@ class CountingSocketIOServer(socketio.AsyncServer):  # type: ignore[misc]
 # -- the backend application ------------------------------------------------------------
 
 
-def _quiet_logger(name: str) -> logging.Logger:
-    logger = logging.getLogger(f"sio_apps.{name}")
+def quiet_logger(name: str) -> logging.Logger:
+    """The logger ``name``, silenced: python-socketio and python-engineio log
+    every refusal and every dropped poll, which a load makes by the thousand.
+    """
+    logger = logging.getLogger(name)
     logger.setLevel(logging.CRITICAL)
     logger.propagate = False
-    logger.addHandler(logging.NullHandler())
+    # A handler, so that even a critical record does not reach logging's
+    # last-resort handler on stderr; one, however many clients ask.
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
     return logger
 
 
@@ -173,8 +178,8 @@ def make_app(
         ping_timeout=ping_timeout_ms / 1000,
         # python-engineio logs each kind of refusal once even with logging off;
         # the refusals are counted at /unknown-sessions instead.
-        logger=_quiet_logger("socketio"),
-        engineio_logger=_quiet_logger("engineio"),
+        logger=quiet_logger("sio_apps.socketio"),
+        engineio_logger=quiet_logger("sio_apps.engineio"),
     )
 
     @sio.event  # type: ignore[untyped-decorator]
@@ -287,7 +292,7 @@ def start_sio_backends(
     ping_timeout_ms: int | None = None,
 ) -> list[Backend]:
     """Start several socket.io backends at once (they boot in parallel)."""
-    from .harness import Backend, spawn, wait_for_file
+    from .harness import spawn, wait_for_backends
 
     spawned = []
     for name in names:
@@ -299,15 +304,7 @@ def start_sio_backends(
         if ping_timeout_ms is not None:
             argv += ["--ping-timeout", str(ping_timeout_ms)]
         spawned.append((name, spawn(f"sio-{name}", argv, tmp_path), ready))
-    backends: list[Backend] = []
-    try:
-        for name, proc, ready in spawned:
-            backends.append(Backend(name, int(wait_for_file(proc, ready)), proc))
-    except BaseException:
-        for _, proc, _ in spawned:
-            proc.stop()
-        raise
-    return backends
+    return wait_for_backends(spawned)
 
 
 def launch_sio_backends(
@@ -317,6 +314,25 @@ def launch_sio_backends(
     started = start_sio_backends(names, launch.tmp_path, **opts)
     launch.procs.extend(backend.proc for backend in started)
     return started
+
+
+@contextmanager
+def running_sio_backends(
+    tmp_path: Path, names: Iterable[str] = ("s1", "s2", "s3"), **opts: int | None
+) -> Iterator[list[Backend]]:
+    """socket.io backends for the duration of a ``with`` block.
+
+    For fixtures that share backends between the tests of a module: loads
+    compare the backends' counters before and after, so tests do not disturb
+    one another through them.
+    """
+    from .harness import Launcher
+
+    launcher = Launcher(tmp_path)
+    try:
+        yield launch_sio_backends(launcher, names, **opts)
+    finally:
+        launcher.stop_all()
 
 
 # -- HAProxy in front of the backends ---------------------------------------------------
@@ -368,8 +384,8 @@ def start_haproxy(
 ) -> Haproxy:
     """Run HAProxy with one frontend in front of ``backend_section``.
 
-    The listening socket is bound here to an OS-chosen loopback port and
-    inherited as ``bind fd@N``, as in ``harness.start_haproxy_l4``.
+    The listener and the runtime API socket are set up by
+    ``harness.start_haproxy``; this adds the seed's global settings and frontend.
 
     :param backend_section: a ``backend storify_editor_backend`` section, such as
         :func:`seed_cookie_backend` builds.
@@ -381,55 +397,30 @@ def start_haproxy(
         The replaced address is what ``balance source`` hashes and what a
         ``send-proxy`` server line sends on.
     """
-    from .harness import READY_TIMEOUT, Haproxy, ProcessNotReadyError, find_haproxy, spawn
+    from . import harness
 
-    executable = find_haproxy()
-    if executable is None:
-        raise FileNotFoundError("haproxy is not installed")
-    serial = next(_ready_serial)
-    stats_name = f"stickyproxy-sio-{os.getpid()}-{serial}"
-    stats_address = ("\0" + stats_name).encode().ljust(108, b"\0")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1024)
-        port = listener.getsockname()[1]
-        fd = listener.fileno()
+    def render(listener: str, stats_socket: str) -> str:
         frontend = ["frontend storify_editor_frontend", f"    mode {mode}"]
-        frontend.append(f"    bind fd@{fd}" + (" accept-proxy" if accept_proxy else ""))
+        frontend.append(f"    bind {listener}" + (" accept-proxy" if accept_proxy else ""))
         frontend.append("    maxconn 1000")
         if rotate_source:
             # rand(250) is an integer in [0, 250); 2130706434 is 127.0.0.2. The
             # sum is cast from integer to IPv4 address.
             frontend.append("    tcp-request connection set-src rand(250),add(2130706434)")
         frontend.append("    default_backend storify_editor_backend")
-        config = (
+        return (
             "global\n"
             "    nbthread 1\n"
             "    maxconn 4000\n"
-            f"    stats socket abns@{stats_name} level user\n"
+            f"    stats socket {stats_socket} level user\n"
             "defaults\n"
             "    timeout connect 5s\n"
             "    timeout client 60s\n"
             "    timeout server 60s\n"
             "    timeout tunnel 1h\n" + "\n".join(frontend) + "\n" + backend_section
         )
-        config_path = tmp_path / f"haproxy-sio-{serial}.cfg"
-        config_path.write_text(config)
-        proc = spawn(
-            "haproxy", [executable, "-f", str(config_path), "-db"], tmp_path, pass_fds=(fd,)
-        )
-    haproxy = Haproxy(port, proc, stats_address)
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        try:
-            if "Name: HAProxy" in haproxy.command("show info", timeout=1.0):
-                return haproxy
-        except OSError:
-            pass
-        if not proc.running() or time.monotonic() > deadline:
-            proc.stop()
-            raise ProcessNotReadyError(f"HAProxy never answered: {proc.describe()}")
-        time.sleep(0.02)
+
+    return harness.start_haproxy(render, tmp_path, backlog=1024)
 
 
 def rotating_l4_backend(target_port: int, send_proxy: Literal["v1", "v2"] = "v2") -> str:

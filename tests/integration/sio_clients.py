@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -32,6 +31,8 @@ from typing import Any
 import aiohttp
 import requests
 import socketio  # type: ignore[import-untyped]
+
+from .sio_apps import quiet_logger
 
 #: Transports of a client that only long-polls.
 POLLING = ("polling",)
@@ -47,15 +48,6 @@ CONNECT_TIMEOUT = 5.0
 
 #: How long a client waits for its own disconnection before leaving it behind.
 CLOSE_TIMEOUT = 2.0
-
-
-def _quiet_logger(name: str) -> logging.Logger:
-    # The clients log every refused poll as a warning; the load counts them.
-    logger = logging.getLogger(f"sio_clients.{name}")
-    logger.setLevel(logging.CRITICAL)
-    logger.propagate = False
-    logger.addHandler(logging.NullHandler())
-    return logger
 
 
 # -- cookie-less clients ----------------------------------------------------------------
@@ -94,8 +86,8 @@ def cookieless_client(session: requests.Session | None = None) -> Any:
         http_session=session or cookieless_requests_session(),
         reconnection=False,
         request_timeout=CALL_TIMEOUT,
-        logger=_quiet_logger("socketio"),
-        engineio_logger=_quiet_logger("engineio"),
+        logger=quiet_logger("sio_clients.socketio"),
+        engineio_logger=quiet_logger("sio_clients.engineio"),
     )
 
 
@@ -110,8 +102,8 @@ def cookieless_async_client(session: aiohttp.ClientSession) -> Any:
         http_session=session,
         reconnection=False,
         request_timeout=CALL_TIMEOUT,
-        logger=_quiet_logger("socketio"),
-        engineio_logger=_quiet_logger("engineio"),
+        logger=quiet_logger("sio_clients.socketio"),
+        engineio_logger=quiet_logger("sio_clients.engineio"),
     )
 
 
@@ -240,6 +232,14 @@ class LoadResult:
     def errors(self, limit: int = 5) -> list[str]:
         """A few of the clients' errors, for failure messages."""
         return [f"client {o.index}: {o.error}" for o in self.outcomes if o.error][:limit]
+
+
+def assert_no_session_lost(result: LoadResult) -> None:
+    """Fail unless no request was misrouted and every client got every answer."""
+    assert result.unknown_sessions == 0, result.refusals
+    assert result.completed == result.clients, result.errors()
+    expected = result.clients * result.messages
+    assert result.answered == result.sent == expected, (result.answered, result.sent, expected)
 
 
 class _Session:

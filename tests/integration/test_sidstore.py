@@ -7,11 +7,8 @@ Servers are stopped, paused and killed by PID.
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,11 +22,10 @@ from twisted.internet.task import deferLater
 
 from stickyproxy.sidstore import SidStore, StoreAddress, parse_store_url
 
-from .harness import READY_TIMEOUT, Proc, ProcessNotReadyError, spawn
+from .redis_server import REDIS, RedisServer, private_directory, running_redis
 
 T = TypeVar("T")
 
-REDIS = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin:/usr/bin")
 pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed")
 
 #: The longest wait for the store to notice a change in Redis's state. A
@@ -37,103 +33,17 @@ pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server is not insta
 SETTLE_TIMEOUT = 10.0
 
 
-def resp(*args: str) -> bytes:
-    """One command in RESP2, as an array of bulk strings."""
-    out = [f"*{len(args)}\r\n".encode()]
-    for arg in args:
-        data = arg.encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-class RedisServer:
-    """A ``redis-server`` without persistence, restartable on the same address."""
-
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
-        self.workdir = workdir
-        self.port = port
-        self.socket_path = str(workdir / "redis.sock")
-        self.proc: Proc | None = None
-
-    @property
-    def url(self) -> str:
-        if self.port is not None:
-            return f"redis://127.0.0.1:{self.port}"
-        return f"unix://{self.socket_path}"
-
-    def start(self) -> None:
-        assert REDIS is not None
-        argv = [REDIS, "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
-        if self.port is not None:
-            argv += ["--port", str(self.port), "--bind", "127.0.0.1"]
-        else:
-            argv += ["--port", "0", "--unixsocket", self.socket_path, "--unixsocketperm", "700"]
-        self.proc = spawn("redis", argv, self.workdir)
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            try:
-                if self.command("PING") == b"+PONG\r\n":
-                    return
-            except OSError:
-                pass
-            if not self.proc.running() or time.monotonic() > deadline:
-                self.proc.stop()
-                raise ProcessNotReadyError(f"waiting for PONG: {self.proc.describe()}")
-            time.sleep(0.02)
-
-    def command(self, *args: str) -> bytes:
-        """Send one command on a new connection and return the raw reply."""
-        if self.port is not None:
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-        else:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(5)
-            sock.connect(self.socket_path)
-        with sock:
-            sock.sendall(resp(*args))
-            reply = b""
-            while not reply.endswith(b"\r\n"):
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                reply += chunk
-            return reply
-
-    def signal(self, signum: int) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signum)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.signal(signal.SIGKILL)
-        self.proc.popen.wait(READY_TIMEOUT)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            if self.proc.running():
-                self.signal(signal.SIGCONT)
-            self.proc.stop()
-
-
 @pytest.fixture
 def workdir() -> Iterator[Path]:
-    # A Unix socket's path is limited to about 100 bytes, which a pytest
-    # tmp_path named after a long test can exceed.
-    path = Path(tempfile.mkdtemp(prefix="sidstore-"))
-    try:
+    """A directory whose path is short enough for a Unix socket's."""
+    with private_directory("sidstore-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
-def redis(workdir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(workdir)
-    server.start()
-    try:
+def redis() -> Iterator[RedisServer]:
+    with running_redis() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -200,8 +110,8 @@ async def test_keys_carry_the_prefix_and_a_whole_second_expiry(
 ) -> None:
     store = await connected(stores(redis.url, key_prefix="fleet1:"))
     assert await store.put("sid1", "s1", 2.2)
-    assert redis.command("GET", "fleet1:sid1") == b"$2\r\ns1\r\n"
-    assert redis.command("TTL", "fleet1:sid1") in (b":3\r\n", b":2\r\n")
+    assert redis.command("GET", "fleet1:sid1") == "s1"
+    assert redis.command("TTL", "fleet1:sid1") in (3, 2)
 
 
 @pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
@@ -233,10 +143,10 @@ async def test_two_proxies_see_each_others_writes_touches_and_forgets(
     assert await two.get("shared") == "s3"
 
     two.touch("shared", 100)
-    await eventually(lambda: int(redis.command("TTL", "stickyproxy:sid:shared")[1:]) > 5)
+    await eventually(lambda: redis.integer("TTL", "stickyproxy:sid:shared") > 5)
 
     one.forget("shared")
-    await eventually(lambda: redis.command("EXISTS", "stickyproxy:sid:shared") == b":0\r\n")
+    await eventually(lambda: redis.integer("EXISTS", "stickyproxy:sid:shared") == 0)
     assert await two.get("shared") is None
 
 
@@ -244,10 +154,10 @@ async def test_two_proxies_see_each_others_writes_touches_and_forgets(
 async def test_the_database_in_the_url_is_selected(
     redis: RedisServer, stores: Callable[..., SidStore]
 ) -> None:
-    store = await connected(stores(f"{redis.url}?db=3"))
+    store = await connected(stores(redis.database_url(3)))
     assert await store.put("in-db-3", "s1", 30)
-    assert redis.command("EXISTS", "stickyproxy:sid:in-db-3") == b":0\r\n"
-    other = await connected(stores(f"{redis.url}?db=3"))
+    assert redis.integer("EXISTS", "stickyproxy:sid:in-db-3") == 0
+    other = await connected(stores(redis.database_url(3)))
     assert await other.get("in-db-3") == "s1"
 
 
@@ -255,25 +165,18 @@ async def test_the_database_in_the_url_is_selected(
 async def test_a_database_redis_does_not_have_leaves_the_store_down(
     redis: RedisServer, stores: Callable[..., SidStore]
 ) -> None:
-    store = stores(f"{redis.url}?db=999")
+    store = stores(redis.database_url(999))
     await eventually(lambda: store.connect_failures >= 2)
     assert not store.connected
     assert answered_at_once(store.put("x", "s1", 5)) is False
 
 
 @pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
-async def test_it_works_over_tcp(workdir: Path, stores: Callable[..., SidStore]) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = RedisServer(workdir, port=port)
-    server.start()
-    try:
-        store = await connected(stores(f"redis://127.0.0.1:{port}/1"))
+async def test_it_works_over_tcp(stores: Callable[..., SidStore]) -> None:
+    with running_redis(tcp=True) as server:
+        store = await connected(stores(server.database_url(1)))
         assert await store.put("over-tcp", "s2", 30)
         assert await store.get("over-tcp") == "s2"
-    finally:
-        server.stop()
 
 
 @pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]

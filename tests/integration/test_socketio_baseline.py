@@ -34,14 +34,15 @@ from .sio_apps import (
     is_unknown_session_answer,
     launch_haproxy,
     rotating_l4_backend,
+    running_sio_backends,
     seed_cookie_backend,
     seed_source_backend,
-    start_sio_backends,
 )
 from .sio_clients import (
     POLLING,
     POLLING_THEN_WEBSOCKET,
     LoadResult,
+    assert_no_session_lost,
     cookieless_aiohttp_session,
     cookieless_async_client,
     cookieless_requests_session,
@@ -64,21 +65,11 @@ needs_haproxy = pytest.mark.usefixtures("haproxy_binary")
 
 @pytest.fixture(scope="module")
 def sio_backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Backend]]:
-    """Three socket.io backends, ``s1`` to ``s3``, shared by this module's tests.
-
-    Loads compare the backends' counters before and after, so tests do not
-    disturb one another through them.
-    """
-    launcher = Launcher(tmp_path_factory.mktemp("sio"))
-    try:
-        names = ["s1", "s2", "s3"]
-        backends = start_sio_backends(
-            names, launcher.tmp_path, ping_interval_ms=PING_MS, ping_timeout_ms=PING_MS
-        )
-        launcher.procs.extend(backend.proc for backend in backends)
+    """Three socket.io backends, ``s1`` to ``s3``, shared by this module's tests."""
+    with running_sio_backends(
+        tmp_path_factory.mktemp("sio"), ping_interval_ms=PING_MS, ping_timeout_ms=PING_MS
+    ) as backends:
         yield backends
-    finally:
-        launcher.stop_all()
 
 
 def load(
@@ -102,12 +93,6 @@ def load(
         backends=backends,
         keep_cookies=keep_cookies,
     )
-
-
-def assert_no_session_lost(result: LoadResult) -> None:
-    assert result.unknown_sessions == 0, result.refusals
-    assert result.completed == result.clients, result.errors()
-    assert result.answered == result.sent == result.clients * result.messages
 
 
 # -- the instruments --------------------------------------------------------------------

@@ -22,17 +22,10 @@ decision header (``[proxy] decision_header``) show how each request was routed.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
-import socket
-import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,22 +33,17 @@ import websocket
 
 from stickyproxy.config import default_tag
 
-from .harness import (
-    READY_TIMEOUT,
-    Backend,
-    Haproxy,
-    HttpResponse,
-    Launcher,
-    Proc,
-    ProcessNotReadyError,
-    Proxy,
-    http_get,
-    http_request,
-    proxy_config,
-    spawn,
+from .fleet import ROUTE_HEADER, Fleet, eventually, start_fleet
+from .harness import Backend, HttpResponse, Launcher, http_get, http_request
+from .redis_server import REDIS, RedisServer, running_redis
+from .sio_apps import running_sio_backends
+from .sio_clients import (
+    POLLING,
+    POLLING_THEN_WEBSOCKET,
+    LoadResult,
+    assert_no_session_lost,
+    run_load,
 )
-from .sio_apps import launch_haproxy, start_sio_backends
-from .sio_clients import POLLING, POLLING_THEN_WEBSOCKET, LoadResult, run_load
 
 #: The backends' ping interval and timeout (ms): a held long poll, and so a
 #: polling client's disconnection, lasts at most this long.
@@ -72,15 +60,8 @@ PING_MS = 2000
 CLIENTS = 7
 MESSAGES = 10
 
-#: The response header naming each request's routing decision and server.
-ROUTE_HEADER = "X-Route"
-
 #: Where the proxies keep sessions in Redis (``SidStore``'s default prefix).
 KEY_PREFIX = "stickyproxy:sid:"
-
-#: The longest wait for a proxy's store to notice that Redis went or came back:
-#: a reconnection is tried at most every 5 s.
-SETTLE_TIMEOUT = 15.0
 
 #: How ``sio_clients`` reports a client that waited in vain: a call without
 #: an answer, or a load that ran out of time.
@@ -92,8 +73,6 @@ POLL = "/socket.io/?EIO=4&transport=polling&sid={sid}"
 #: The WebSocket upgrade of session ``{sid}``.
 UPGRADE = "/socket.io/?EIO=4&transport=websocket&sid={sid}"
 
-REDIS = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin:/usr/bin")
-
 pytestmark = pytest.mark.usefixtures("haproxy_binary")
 needs_redis = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed")
 
@@ -103,80 +82,11 @@ needs_redis = pytest.mark.skipif(REDIS is None, reason="redis-server is not inst
 
 @pytest.fixture(scope="module")
 def sio_backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Backend]]:
-    """Three socket.io backends, ``s1`` to ``s3``, shared by this module's tests.
-
-    Loads compare the backends' counters before and after, so tests do not
-    disturb one another through them.
-    """
-    launcher = Launcher(tmp_path_factory.mktemp("sio-fleet"))
-    try:
-        backends = start_sio_backends(
-            ["s1", "s2", "s3"], launcher.tmp_path, ping_interval_ms=PING_MS, ping_timeout_ms=PING_MS
-        )
-        launcher.procs.extend(backend.proc for backend in backends)
+    """Three socket.io backends, ``s1`` to ``s3``, shared by this module's tests."""
+    with running_sio_backends(
+        tmp_path_factory.mktemp("sio-fleet"), ping_interval_ms=PING_MS, ping_timeout_ms=PING_MS
+    ) as backends:
         yield backends
-    finally:
-        launcher.stop_all()
-
-
-def fleet_backend_section(proxies: Sequence[Proxy]) -> str:
-    """The L4 balancer's backend: round robin over the proxies, PROXY v2 to each.
-
-    No ``check``: a health check would be a connection of its own and would
-    shift the alternation of client connections.
-    """
-    lines = ["backend storify_editor_backend", "    mode tcp", "    balance roundrobin"]
-    lines += [
-        f"    server sp{i} 127.0.0.1:{proxy.port} send-proxy-v2"
-        for i, proxy in enumerate(proxies, 1)
-    ]
-    return "\n".join(lines) + "\n"
-
-
-@dataclass
-class Fleet:
-    """Two proxies with one configuration, and the rotating L4 balancer in front."""
-
-    proxies: list[Proxy]
-    front: Haproxy
-
-    @property
-    def port(self) -> int:
-        """Where clients connect: the L4 balancer."""
-        return self.front.port
-
-    def stats(self) -> list[dict[str, Any]]:
-        """Each proxy's ``/stats.json``, read from its admin port."""
-        documents = []
-        for proxy in self.proxies:
-            assert proxy.admin_port is not None
-            response = http_get(proxy.admin_port, "/stats.json", timeout=5.0)
-            assert response.status == 200, response
-            documents.append(json.loads(response.body))
-        return documents
-
-    def stores(self) -> list[dict[str, Any]]:
-        """Each proxy's ``engineio.store`` statistics."""
-        stores = [document["engineio"]["store"] for document in self.stats()]
-        assert all(store is not None for store in stores), stores
-        return stores
-
-
-def start_fleet(
-    launch: Launcher, backends: Sequence[Backend], engineio: dict[str, str] | None = None
-) -> Fleet:
-    """Two stickyproxy processes in front of ``backends`` and the L4 balancer.
-
-    :param engineio: ``[engineio]`` settings, the same for both proxies.
-    """
-    config = proxy_config(
-        backends, proxy={"decision_header": ROUTE_HEADER}, engineio=engineio or {}
-    )
-    # A proxy takes most of a second to start; start both at once.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        proxies = list(pool.map(launch.stickyproxy, [config, config]))
-    front = launch_haproxy(launch, fleet_backend_section(proxies), mode="tcp", rotate_source=True)
-    return Fleet(proxies, front)
 
 
 def load(fleet: Fleet, backends: Sequence[Backend], transports: Sequence[str]) -> LoadResult:
@@ -194,20 +104,6 @@ def load(fleet: Fleet, backends: Sequence[Backend], transports: Sequence[str]) -
         backends=backends,
         fresh_connections=True,
     )
-
-
-def assert_no_session_lost(result: LoadResult) -> None:
-    assert result.unknown_sessions == 0, result.refusals
-    assert result.completed == result.clients, result.errors()
-    assert result.answered == result.sent == result.clients * result.messages
-
-
-def eventually(condition: Callable[[], bool], what: str, timeout: float = SETTLE_TIMEOUT) -> None:
-    """Poll ``condition`` until it holds; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.02)
 
 
 # -- one session, request by request ----------------------------------------------------
@@ -300,121 +196,16 @@ def session_exchange(port: int, echoes: int = 3) -> SessionExchange:
 # -- Redis ------------------------------------------------------------------------------
 
 
-class RedisServer:
-    """A ``redis-server`` without persistence, restartable on the same address.
-
-    It listens on a TCP port the OS picked (``tcp=True``) or on a Unix socket
-    in ``workdir``.
-    """
-
-    def __init__(self, workdir: Path, *, tcp: bool) -> None:
-        self.workdir = workdir
-        self.port: int | None = None
-        if tcp:
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                self.port = probe.getsockname()[1]
-        self.socket_path = str(workdir / "redis.sock")
-        self.proc: Proc | None = None
-
-    @property
-    def url(self) -> str:
-        """The ``[engineio] sid_store`` value that reaches this server's database 0."""
-        if self.port is not None:
-            return f"redis://127.0.0.1:{self.port}/0"
-        return f"unix://{self.socket_path}?db=0"
-
-    def start(self) -> None:
-        assert REDIS is not None
-        argv = [REDIS, "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
-        if self.port is not None:
-            argv += ["--port", str(self.port), "--bind", "127.0.0.1"]
-        else:
-            argv += ["--port", "0", "--unixsocket", self.socket_path, "--unixsocketperm", "700"]
-        self.proc = spawn("redis", argv, self.workdir)
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            try:
-                if self.command("PING") == "PONG":
-                    return
-            except OSError:
-                pass
-            if not self.proc.running() or time.monotonic() > deadline:
-                self.proc.stop()
-                raise ProcessNotReadyError(f"waiting for PONG: {self.proc.describe()}")
-            time.sleep(0.02)
-
-    def command(self, *args: str) -> str | int | None:
-        """Send one command on a new connection; return its simple, integer or
-        bulk string reply (RESP2)."""
-        if self.port is not None:
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-        else:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(5)
-            sock.connect(self.socket_path)
-        request = b"*%d\r\n" % len(args)
-        for arg in args:
-            request += b"$%d\r\n%s\r\n" % (len(arg.encode()), arg.encode())
-        with sock, sock.makefile("rb") as reply:
-            sock.sendall(request)
-            line = reply.readline().rstrip(b"\r\n").decode()
-            kind, rest = line[:1], line[1:]
-            if kind == ":":
-                return int(rest)
-            if kind == "$":
-                size = int(rest)
-                return None if size < 0 else reply.read(size + 2)[:-2].decode()
-            if kind == "+":
-                return rest
-            raise OSError(f"unexpected reply {line!r} to {args[0]}")
-
-    def keys(self) -> int:
-        """How many keys database 0 holds (only the proxies write to it)."""
-        count = self.command("DBSIZE")
-        assert isinstance(count, int)
-        return count
-
-    def kill(self) -> None:
-        """SIGKILL by PID: no goodbye to the clients, as in a crash."""
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.popen.wait(READY_TIMEOUT)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-
-
 @pytest.fixture
-def redis_workdir() -> Iterator[Path]:
-    # A Unix socket's path is limited to about 100 bytes, which a pytest
-    # tmp_path named after a long test can exceed.
-    path = Path(tempfile.mkdtemp(prefix="sio-fleet-redis-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def redis_tcp(redis_workdir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(redis_workdir, tcp=True)
-    server.start()
-    try:
+def redis_tcp() -> Iterator[RedisServer]:
+    with running_redis(tcp=True) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
-def redis_unix(redis_workdir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(redis_workdir, tcp=False)
-    server.start()
-    try:
+def redis_unix() -> Iterator[RedisServer]:
+    with running_redis(tcp=False) as server:
         yield server
-    finally:
-        server.stop()
 
 
 # -- the sid tag ------------------------------------------------------------------------
@@ -485,8 +276,8 @@ def test_a_fleet_sharing_a_redis_store_keeps_every_cookieless_session(
     redis_tcp: RedisServer,
     transports: tuple[str, ...],
 ) -> None:
-    fleet = start_fleet(launch, sio_backends, {"sid_store": redis_tcp.url})
-    eventually(lambda: all(store["connected"] for store in fleet.stores()), "the stores")
+    fleet = start_fleet(launch, sio_backends, {"sid_store": redis_tcp.database_url(0)})
+    fleet.wait_for_stores()
     result = load(fleet, sio_backends, transports)
     # The sids are untouched: a backend would refuse any other.
     assert_no_session_lost(result)
@@ -502,8 +293,8 @@ def test_a_fleet_sharing_a_redis_store_keeps_every_cookieless_session(
 def test_in_a_fleet_with_a_store_the_other_proxy_finds_the_session_in_redis(
     launch: Launcher, sio_backends: list[Backend], redis_tcp: RedisServer
 ) -> None:
-    fleet = start_fleet(launch, sio_backends, {"sid_store": redis_tcp.url})
-    eventually(lambda: all(store["connected"] for store in fleet.stores()), "the stores")
+    fleet = start_fleet(launch, sio_backends, {"sid_store": redis_tcp.database_url(0)})
+    fleet.wait_for_stores()
     exchange = session_exchange(fleet.port)
     server = exchange.handshake_server
     # The sid is the backend's own, and Redis names its server.
@@ -540,8 +331,8 @@ def test_a_fleet_keeps_answering_when_redis_dies_and_recovers_when_it_is_back(
     proxy is concerned; its requests there are placed by hash and may be
     refused as unknown sessions. Sessions both proxies had already seen carry on.
     """
-    fleet = start_fleet(launch, sio_backends, {"sid_store": redis_unix.url})
-    eventually(lambda: all(store["connected"] for store in fleet.stores()), "the stores")
+    fleet = start_fleet(launch, sio_backends, {"sid_store": redis_unix.database_url(0)})
+    fleet.wait_for_stores()
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         running = pool.submit(load, fleet, sio_backends, POLLING)
@@ -566,7 +357,7 @@ def test_a_fleet_keeps_answering_when_redis_dies_and_recovers_when_it_is_back(
     assert sum(errors) >= during_outage.clients, errors
 
     redis_unix.start()
-    eventually(lambda: all(store["connected"] for store in fleet.stores()), "the reconnection")
+    fleet.wait_for_stores("the reconnection")
     writes_before = sum(store["writes"] for store in fleet.stores())
     after = load(fleet, sio_backends, POLLING)
     assert_no_session_lost(after)
