@@ -27,17 +27,27 @@ How the default table is built, and why:
    goes to the server that draws it first. The score of a (server, slot)
    pair does not depend on the other servers, so adding or removing a
    server only changes the slots that server wins or owned. The streams are
-   merged in time order with slice assignments and scanned in C, which
-   keeps the build linear in the number of slots rather than slots times
-   servers. The few slots no server drew within the horizon go by each
-   server's *late order*, a fixed permutation of the slots per server.
+   merged in time order with slice assignments, and the owners written in
+   reverse time order with list stores run in C, so the build is linear in
+   the number of slots rather than slots times servers. The few slots no
+   server drew within the horizon take the owner of the first drawn slot on
+   a fixed chain through the slots, which keeps that property.
 3. *Balance.* Rendezvous alone leaves binomial noise (about 1/sqrt(slots per
    server)), far too lumpy with many servers. A server above its cap gives
-   up exactly its excess, the slots it drew last (a late first draw is one
-   that later draws of other servers come close to), each to the server
-   below quota whose late order reaches the slot first; then servers below the floor are topped up
-   the same way from servers above quota. Only the moves of servers whose
-   counts a configuration change alters are affected by it.
+   up exactly its excess, its weakest claims (the slots it drew last: a late
+   first draw is one that later draws of other servers come close to). Each
+   goes to the first server below its cap among the rendezvous owners of a
+   fixed chain of slots starting at that slot. Then each server below its
+   floor takes back slots it drew itself, in its own draw order, from
+   servers that have slots to spare. Every choice depends on a server's own draws and on
+   rendezvous owners only, so a configuration change redoes only the moves
+   of servers whose counts it changes. Those servers are the ones held at
+   the edges of the band, and each redoes about as many moves as the change
+   shifts its count (a Poisson number of the removed server's slots, say,
+   against a fixed rise of its quota). That cost grows like the square root
+   of the table while the ideal movement grows like the table, which is why
+   the table has 2**17 slots: at 200 servers the movement beyond the ideal
+   share is then about a fifth of that share.
 
 When a slot's owner is ineligible (down, draining, full, excluded) the key
 tries the owners of further slots derived from the key itself, then the
@@ -51,33 +61,51 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
 import ipaddress
 import itertools
 import math
+import operator
 import sys
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
-#: Number of slots in the default table (16 bits of key hash).
-SLOTS = 1 << 16
+#: Number of slots in the default table (17 bits of key hash).
+SLOTS = 1 << 17
+_MASK = SLOTS - 1
 
 # The balance band. A server may hold up to ``_CAP * sqrt(quota)`` slots above
-# its exact quota (about 1 % at 200 equal servers, 0.5 % at 50, 0.2 % at 10)
-# and down to ``_FLOOR`` of its quota below it. Both rendezvous noise and the
-# noise of real client counts are of order ``1 / sqrt(quota)``, so the cap
-# is a fixed fraction of the noise that clients add anyway. Every slot moved
-# to meet a tighter band can move again when the configuration changes, so
-# the floor is looser: a busy server costs capacity, a slightly idle one
-# does not.
-_CAP = 0.18
-_FLOOR = 0.04
+# its exact quota (about 1.8 % at 200 equal servers, 1 % at 50, 0.4 % at 10)
+# and down to ``_FLOOR`` of its quota below it. Rendezvous noise is about
+# ``sqrt(quota)`` slots, so the cap holds back about a third of the servers;
+# each of them has its moves redone when a configuration change alters its
+# count, and that is where movement beyond the ideal comes from. The noise of
+# real client counts is of the same order as the cap, so a tighter cap buys
+# little evenness for much more movement. The floor is looser, as a busy
+# server costs capacity and a slightly idle one does not, but it bounds how
+# far a light server's share can fall short of its weight.
+_CAP = 0.5
+_FLOOR = 0.025
 
 # Expected stream draws per slot merged. Slots no server drew by then (about
-# SLOTS * e**-_HORIZON of them) are decided by each server's late order.
-_HORIZON = 5.0
+# SLOTS * e**-_HORIZON of them) inherit the owner of the next drawn slot of a
+# fixed chain through the slots. The horizon is long because a configuration
+# change moves it (see _rounds): with few servers a change of total weight is
+# large, and the slots first drawn between the two horizons change owner.
+_HORIZON = 7.0
+
+# Two chains through the slots, s -> (s * multiplier + increment) mod SLOTS.
+# A multiplier of 1 mod 4 and an odd increment give a single cycle through
+# every slot (Hull-Dobell), so a walk always finds a drawn slot. One chain
+# names the heir of an undrawn slot, the other the candidate takers of a
+# slot given away in the balance.
+_HEIR_CHAIN = (0x6F4D, 0x0A0F3)
+_TAKER_CHAIN = (0x1B8A5, 0x0C0B)
+# How far a given-away slot walks its chain for a taker before the servers
+# are tried in a fixed rotation.
+_TAKER_STEPS = 64
 
 # A key whose owner cannot take it tries the owners of this many further
 # slots, derived from the key, before falling back to a per-slot order.
@@ -85,8 +113,13 @@ _ALTERNATES = 16
 # How many fallback servers are cached per slot; deeper walks are computed.
 _FALLBACK_DEPTH = 8
 
+_SLOT_BYTES = 3  # bytes of key hash per slot number (17 bits used)
+_DIGEST_SIZE = _SLOT_BYTES * (1 + _ALTERNATES)  # the slot, then the alternates
+_KEY_PERSON = b"sp-ring-key"  # fixed: changing it re-deals every client
 _TEXT_PREFIX = b"stickyproxy:text:"  # 17 bytes: text keys never look like addresses
 _U32 = 0xFFFFFFFF
+# Keeps the bits of a draw's third little-endian byte that fall below SLOTS.
+_THIRD_BYTE = bytes(i & (_MASK >> 16) for i in range(256))
 
 
 class Ring(Protocol):
@@ -145,8 +178,13 @@ def _name_digest(name: str) -> bytes:
 
 def _stream(name: str, length: int) -> array[int]:
     """Return the first ``length`` slot draws of ``name``'s pseudo-random stream."""
-    seed = b"stickyproxy ring v1\x00" + name.encode("utf-8")
-    draws = array("H", hashlib.shake_128(seed).digest(2 * length))
+    seed = b"stickyproxy ring v2\x00" + name.encode("utf-8")
+    raw = bytearray(hashlib.shake_128(seed).digest(4 * length))
+    # Each draw is a little-endian 32-bit word cut down to its low 17 bits:
+    # the byte operations run in C, where a mask per draw would not.
+    raw[2::4] = raw[2::4].translate(_THIRD_BYTE)
+    raw[3::4] = bytes(length)
+    draws = array("I", raw)
     if sys.byteorder == "big":  # draws are little-endian on every platform
         draws.byteswap()
     return draws
@@ -181,115 +219,183 @@ class _Merged:
         # The phase, a fraction taken from the name, keeps servers of equal
         # weight from drawing at the same instant. Only IEEE-exact + and / are
         # used, so every platform merges in the same order.
-        phases = [(int.from_bytes(_name_digest(n)[:4], "big") + 0.5) / 2**32 for n in names]
-        timed = sorted(((i + phases[j]) / w, j, i) for j, w in enumerate(weights) for i in range(w))
+        #: Per server: the offset of its draws within a unit of time.
+        self.phases = [(int.from_bytes(_name_digest(n)[:4], "big") + 0.5) / 2**32 for n in names]
+        #: Per server: its own draws, in its own time order.
+        self.streams = [_stream(n, rounds * w) for n, w in zip(names, weights, strict=True)]
+        timed = sorted(
+            ((i + self.phases[j]) / w, j, i) for j, w in enumerate(weights) for i in range(w)
+        )
         width = len(timed)
-        streams = [_stream(n, rounds * w) for n, w in zip(names, weights, strict=True)]
         #: The slot of every draw, in time order.
-        self.draws = array("H", bytes(2 * width * rounds))
+        self.draws = array("I", bytes(4 * width * rounds))
         for position, (_, j, i) in enumerate(timed):
-            self.draws[position::width] = streams[j][i :: weights[j]]
-        #: The server that made each draw.
-        self.server = [j for _, j, _ in timed] * rounds
-        #: Per server: what :meth:`late_choice` needs.
-        self.late = [
-            (*_late_permutation(n), phase, w)
-            for n, phase, w in zip(names, phases, weights, strict=True)
-        ]
-
-    def late_choice(self, slot: int, among: Sequence[int]) -> int:
-        """Return the server of ``among`` whose late order reaches ``slot`` first.
-
-        Beyond the merged rounds a server's draws are modelled by a fixed
-        permutation of the slots (an odd multiplier modulo :data:`SLOTS`), so
-        a server's late rank for a slot is one multiplication rather than a
-        scan of further draws. Ranks are weighted like draw times.
-        """
-        late = self.late
-        times = [
-            ((((slot - offset) * multiplier) & (SLOTS - 1)) + phase) / w
-            for offset, multiplier, phase, w in map(late.__getitem__, among)
-        ]
-        return among[times.index(min(times))]
+            self.draws[position::width] = self.streams[j][i :: weights[j]]
+        #: The server that made each draw of a round (every round alike).
+        self.pattern = [j for _, j, _ in timed]
+        #: Per server: its weight.
+        self.weights = list(weights)
 
 
-def _late_permutation(name: str) -> tuple[int, int]:
-    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=4, person=b"sp-ring-late").digest()
-    return int.from_bytes(digest[:2], "big"), int.from_bytes(digest[2:], "big") | 1
+def _rounds(total_weight: int) -> int:
+    """Return how many rounds to merge: :data:`_HORIZON` draws per slot.
+
+    A configuration change alters the total weight and so the number of
+    rounds, by a round or two; the slots first drawn in those rounds change
+    owner, which is about ``total_weight * e**-_HORIZON`` slots per round.
+    """
+    return max(1, math.ceil(_HORIZON * SLOTS / total_weight))
+
+
+def _walk(slot: int, chain: tuple[int, int]) -> Iterator[int]:
+    """Yield the slots after ``slot`` on ``chain``, forever."""
+    multiplier, increment = chain
+    while True:
+        slot = (slot * multiplier + increment) & _MASK
+        yield slot
 
 
 def _build_table(names: Sequence[str], weights: Mapping[str, int]) -> list[int]:
     """Assign every slot to an index into ``names`` (see the module docstring)."""
     counts = [weights[n] for n in names]
-    merged = _Merged(names, counts, max(1, math.ceil(_HORIZON * SLOTS / sum(counts))))
-    # A slot goes to the server that draws it first. The dict hands each slot
-    # out once, so the scan of the draws runs in C and only the 65,536 first
-    # draws reach Python code.
-    undrawn = dict.fromkeys(range(SLOTS), 1)
-    firsts = bytes(map(undrawn.pop, merged.draws, itertools.repeat(0)))
-    by_arrival = list(itertools.compress(merged.draws, firsts))
-    owner = [0] * SLOTS
-    for slot, j in zip(by_arrival, itertools.compress(merged.server, firsts), strict=True):
-        owner[slot] = j
-    everyone = range(len(names))
+    merged = _Merged(names, counts, _rounds(sum(counts)))
+    # A slot goes to the server that draws it first. Writing the owners in
+    # reverse time order leaves the earliest draw's server in every slot, in
+    # one pass of list stores run in C.
+    owner = [-1] * SLOTS
+    backwards = itertools.cycle(merged.pattern[::-1])
+    deque(map(owner.__setitem__, reversed(merged.draws), backwards), 0)
+    undrawn = list(itertools.compress(range(SLOTS), map(operator.lt, owner, itertools.repeat(0))))
+    # An undrawn slot takes the owner of the first drawn slot on its chain.
+    # Undrawn slots met on the way were settled the same way (ascending
+    # order), so their owner is already that of the drawn slot beyond them.
     for slot in undrawn:
-        owner[slot] = merged.late_choice(slot, everyone)
+        heir = slot
+        while owner[heir] < 0:
+            heir = (heir * _HEIR_CHAIN[0] + _HEIR_CHAIN[1]) & _MASK
+        owner[slot] = owner[heir]
     held = [0] * len(names)
     for j, n in Counter(owner).items():
         held[j] = n
     quotas = _quotas(names, weights)
     cap = [q + max(1, int(_CAP * math.sqrt(q))) for q in quotas]
     floor = [q - int(q * _FLOOR) for q in quotas]
-    # Weakest claims first: the slots nobody drew, then the latest first draws.
-    weakest = [*undrawn, *reversed(by_arrival)]
-    balance = _Balance(merged, owner, held, weakest)
-    balance.shift(give_above=cap, take_below=quotas)
-    balance.shift(give_above=quotas, take_below=floor)
+    _give_excess(owner, held, cap, _weakest(owner, held, cap, undrawn, merged))
+    # Top-ups come from servers with slots to spare: those above the middle
+    # of their lower band, so a server just under quota is not stripped.
+    spare = [(f + q) // 2 for f, q in zip(floor, quotas, strict=True)]
+    _top_up(owner, held, spare, floor, merged)
     return owner
 
 
-@dataclass(slots=True)
-class _Balance:
-    """Slot moves that bring the rendezvous assignment into the band."""
+def _weakest(
+    owner: list[int], held: list[int], cap: list[int], undrawn: list[int], merged: _Merged
+) -> list[int]:
+    """Return the slots servers above their caps give up, weakest claim first.
 
-    merged: _Merged
-    owner: list[int]
-    held: list[int]
-    weakest: list[int]
+    A server's weakest claims are the slots it holds without having drawn
+    them, then the slots it drew last: a late first draw is one that later
+    draws of other servers come close to. Both depend only on the server's
+    own draws and the slot, so a configuration change alters a server's
+    choice only through its count.
+    """
+    excess = [max(0, h - c) for h, c in zip(held, cap, strict=True)]
+    given: list[tuple[float, int]] = []
+    for slot in undrawn:
+        j = owner[slot]
+        if excess[j]:
+            excess[j] -= 1
+            given.append((-math.inf, slot))
+    for j, wanted in enumerate(excess):
+        left = wanted
+        stream, phase, weight = merged.streams[j], merged.phases[j], merged.weights[j]
+        k = len(stream)
+        seen: set[int] = set()
+        while left and k:
+            k -= 1
+            slot = stream[k]
+            if owner[slot] == j and slot not in seen:
+                seen.add(slot)
+                given.append((-(k + phase) / weight, slot))
+                left -= 1
+    given.sort()
+    return [slot for _, slot in given]
 
-    def shift(self, give_above: list[int], take_below: list[int]) -> None:
-        """Move slots from servers above ``give_above`` to servers below ``take_below``.
 
-        Each server above the band gives up exactly its excess: the slots it
-        drew last, where other servers' draws come closest to its own. Each
-        given slot goes to the taker, among the servers still below the band,
-        whose late order reaches it first. Both orders are fixed per (server,
-        slot), so a configuration change alters only the moves of servers
-        whose counts it changes.
-        """
-        owner, held = self.owner, self.held
-        need = [max(0, t - h) for t, h in zip(take_below, held, strict=True)]
-        excess = [max(0, h - g) for h, g in zip(held, give_above, strict=True)]
-        offered = sum(excess)
-        takers = [j for j, n in enumerate(need) if n]
-        if not offered or not takers:
-            return
-        for slot in self.weakest:
-            giver = owner[slot]
-            if excess[giver]:
-                excess[giver] -= 1
-                taker = self.merged.late_choice(slot, takers)
-                owner[slot] = taker
-                held[giver] -= 1
-                held[taker] += 1
-                need[taker] -= 1
-                if not need[taker]:
-                    takers.remove(taker)
-                    if not takers:
-                        return
-                offered -= 1
-                if not offered:
-                    return
+def _give_excess(owner: list[int], held: list[int], cap: list[int], given: list[int]) -> None:
+    """Move each of the ``given`` slots to a server below its cap.
+
+    Each slot goes to the first server below its cap among the rendezvous
+    owners of the slots on the slot's taker chain. The candidates depend only
+    on rendezvous owners, which a configuration change alters only for the
+    server added or removed; so the change redoes only the moves of servers
+    whose counts it moves, and of the takers that fill up differently.
+    """
+    natural = owner.copy()
+    count = len(held)
+    for slot in given:
+        giver = owner[slot]
+        taker = next(
+            (
+                j
+                for j in map(
+                    natural.__getitem__, itertools.islice(_walk(slot, _TAKER_CHAIN), _TAKER_STEPS)
+                )
+                if j != giver and held[j] < cap[j]
+            ),
+            None,
+        )
+        if taker is None:
+            # Some server is below its cap, since the caps sum to at least SLOTS.
+            start = slot % count
+            taker = next(
+                j for j in itertools.chain(range(start, count), range(start)) if held[j] < cap[j]
+            )
+        owner[slot] = taker
+        held[giver] -= 1
+        held[taker] += 1
+
+
+def _top_up(
+    owner: list[int], held: list[int], spare: list[int], floor: list[int], merged: _Merged
+) -> None:
+    """Bring every server below its floor up to it, from servers above ``spare``.
+
+    A server below its floor takes the slots it drew itself, in its own draw
+    order, from owners still above ``spare``. The needy servers take in merged
+    time order, so where two want the same slot the earlier draw wins.
+    """
+    need = [max(0, f - h) for f, h in zip(floor, held, strict=True)]
+    phases, streams = merged.phases, merged.streams
+    weights = merged.weights
+    heap = [(phases[j] / weights[j], j, 0) for j, n in enumerate(need) if n]
+    heapq.heapify(heap)
+    while heap:
+        _, j, k = heap[0]
+        stream = streams[j]
+        if k >= len(stream):
+            heapq.heappop(heap)
+            continue
+        slot = stream[k]
+        giver = owner[slot]
+        if giver != j and held[giver] > spare[giver]:
+            owner[slot] = j
+            held[giver] -= 1
+            held[j] += 1
+            need[j] -= 1
+            if not need[j]:
+                heapq.heappop(heap)
+                continue
+        heapq.heapreplace(heap, ((k + 1 + phases[j]) / weights[j], j, k + 1))
+
+
+def _key_digest(key: bytes) -> bytes:
+    """Return ``key``'s slot number, then those of its alternate slots.
+
+    Each takes :data:`_SLOT_BYTES` bytes, big-endian, masked to :data:`SLOTS`.
+    One digest serves both, so a key whose owner is down costs no second hash.
+    """
+    return hashlib.blake2b(key, digest_size=_DIGEST_SIZE, person=_KEY_PERSON).digest()
 
 
 def _hrw_score(prefix: hashlib.blake2b, slot: bytes, weight: int) -> float:
@@ -323,7 +429,8 @@ class HashRing:
         self._idle = [n for n in by_hash if self._weights[n] == 0]
         self._table: list[str] = []
         if self._names:
-            self._table = [self._names[i] for i in _build_table(self._names, self._weights)]
+            indices = _build_table(self._names, self._weights)
+            self._table = list(map(self._names.__getitem__, indices))
         self._prefixes = [
             (
                 name,
@@ -337,7 +444,7 @@ class HashRing:
     @staticmethod
     def slot(key: bytes) -> int:
         """Return the slot ``key`` hashes to."""
-        return int.from_bytes(hashlib.blake2b(key, digest_size=2, person=b"sp-ring-key").digest())
+        return int.from_bytes(_key_digest(key)[:_SLOT_BYTES]) & _MASK
 
     def owners(self) -> list[str]:
         """Return the owner of every slot (for measurements and tests)."""
@@ -351,13 +458,21 @@ class HashRing:
         skip: Callable[[str], bool] | None = None,
     ) -> str | None:
         """See :meth:`Ring.lookup`; ``skip`` acts like ineligibility here."""
-        if not self._table:
+        table = self._table
+        if not table:
             return None
-        slot = int.from_bytes(hashlib.blake2b(key, digest_size=2, person=b"sp-ring-key").digest())
-        owner = self._table[slot]
+        digest = hashlib.blake2b(key, digest_size=_DIGEST_SIZE, person=_KEY_PERSON).digest()
+        slot = int.from_bytes(digest[:_SLOT_BYTES]) & _MASK
+        owner = table[slot]
         if eligible(owner) and (skip is None or not skip(owner)):
             return owner
-        for name in self._others(key, slot, owner):
+        # The first steps of _others, inline: this is the path of every client
+        # of a server that is down. A server seen twice is simply refused twice.
+        for i in range(_SLOT_BYTES, _DIGEST_SIZE, _SLOT_BYTES):
+            name = table[int.from_bytes(digest[i : i + _SLOT_BYTES]) & _MASK]
+            if name != owner and eligible(name) and (skip is None or not skip(name)):
+                return name
+        for name in self._slot_order(slot):
             if eligible(name) and (skip is None or not skip(name)):
                 return name
         return None
@@ -382,11 +497,9 @@ class HashRing:
         """
         seen = {owner}
         table = self._table
-        alternates = hashlib.blake2b(
-            key, digest_size=2 * _ALTERNATES, person=b"sp-ring-alt"
-        ).digest()
-        for i in range(0, 2 * _ALTERNATES, 2):
-            name = table[int.from_bytes(alternates[i : i + 2])]
+        digest = _key_digest(key)
+        for i in range(_SLOT_BYTES, _DIGEST_SIZE, _SLOT_BYTES):
+            name = table[int.from_bytes(digest[i : i + _SLOT_BYTES]) & _MASK]
             if name not in seen:
                 seen.add(name)
                 yield name
@@ -410,7 +523,7 @@ class HashRing:
 
     def _rank(self, slot: int) -> list[str]:
         owner = self._table[slot]
-        data = slot.to_bytes(2, "big")
+        data = slot.to_bytes(_SLOT_BYTES, "big")
         scored = [
             (-_hrw_score(prefix, data, weight), index, name)
             for index, (name, weight, prefix) in enumerate(self._prefixes)

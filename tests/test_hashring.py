@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from stickyproxy import hashring
 from stickyproxy.hashring import (
     SLOTS,
     HAProxyRing,
@@ -84,6 +86,45 @@ class TestHashRingTable:
         counts = Counter(ring(*equal(count)).owners())
         assert max(counts.values()) <= SLOTS / count * 1.01 + 1
         assert min(counts.values()) >= SLOTS / count * 0.96 - 1
+
+    def test_at_200_servers_no_server_holds_more_than_two_percent_above_its_share(self) -> None:
+        counts = Counter(ring(*equal(200)).owners())
+        assert len(counts) == 200
+        assert max(counts.values()) <= SLOTS / 200 * 1.02 + 1
+        assert min(counts.values()) >= SLOTS / 200 * 0.96 - 1
+
+    @pytest.mark.parametrize("gone", ["srv3", "srv150"])
+    def test_removing_one_of_200_servers_moves_at_most_1_3_times_its_slots(self, gone: str) -> None:
+        before = ring(*equal(200)).owners()
+        after = ring(*(server for server in equal(200) if server[0] != gone)).owners()
+        own = before.count(gone)
+        moved = sum(a != b for a, b in zip(before, after, strict=True))
+        assert own <= moved <= 1.3 * own
+
+    @pytest.mark.parametrize("new", ["new", "extra-1"])
+    def test_adding_a_server_to_200_moves_at_most_1_3_times_its_slots(self, new: str) -> None:
+        before = ring(*equal(200)).owners()
+        after = ring(*equal(200), (new, 10)).owners()
+        share = after.count(new)
+        moved = sum(a != b for a, b in zip(before, after, strict=True))
+        assert SLOTS / 201 * 0.96 - 1 <= share <= SLOTS / 201 * 1.02 + 1
+        assert share <= moved <= 1.3 * share
+
+    def test_a_changed_server_count_moves_clients_like_slots(self) -> None:
+        # Keys map to slots uniformly, so client movement follows slot movement.
+        before = ring(*equal(200))
+        after = ring(*equal(200), ("new", 10))
+        keys = ipv4_keys(20_000, seed=7)
+        moved = sum(before.lookup(k, everyone) != after.lookup(k, everyone) for k in keys)
+        slots = sum(a != b for a, b in zip(before.owners(), after.owners(), strict=True))
+        assert abs(moved / len(keys) - slots / SLOTS) < 0.005
+
+    @pytest.mark.parametrize("chain", [hashring._HEIR_CHAIN, hashring._TAKER_CHAIN])
+    def test_slot_chains_visit_every_slot_before_repeating(self, chain: tuple[int, int]) -> None:
+        # An undrawn slot's walk to a drawn one, and a given slot's walk to a
+        # taker, must be able to reach every slot.
+        visited = set(itertools.islice(hashring._walk(0, chain), SLOTS))
+        assert len(visited) == SLOTS
 
     def test_table_ignores_the_order_servers_are_listed_in(self) -> None:
         servers = equal(12)
@@ -155,7 +196,7 @@ class TestHashRingLookup:
 
     def test_a_down_server_moves_exactly_its_own_clients_and_they_come_back(self) -> None:
         r = ring(*equal(10))
-        keys = ipv4_keys(20_000)
+        keys = ipv4_keys(60_000)
         before = [r.lookup(k, everyone) for k in keys]
         during = [r.lookup(k, lambda n: n != "srv4") for k in keys]
         after = [r.lookup(k, everyone) for k in keys]
