@@ -1,7 +1,8 @@
-"""The Twisted shell: client and backend protocols that drive the core.
+"""The Twisted shell: the client side of the relay, driving the core.
 
-One :class:`Frontend` per client connection and at most one :class:`Backend`
-at a time behind it. The life of a connection:
+One :class:`Frontend` per client connection and at most one
+:class:`~stickyproxy.backend.Backend` at a time behind it. The life of a
+connection:
 
 1. PROXY header (:mod:`stickyproxy.proxyproto`), under the
    ``timeout_http_request`` deadline;
@@ -18,296 +19,69 @@ at a time behind it. The life of a connection:
 
 Requests pipelined behind one in flight wait, unparsed, until its response
 has been relayed: a 101 may turn the rest of the stream into a tunnel.
+
+The rest of the relay lives beside this module: :mod:`stickyproxy.backend`
+(connections to the servers), :mod:`stickyproxy.context` (what all
+connections of a proxy share: settings, pool, queues, the engine.io session
+sweep) and :mod:`stickyproxy.flow` (writing to and throttling transports).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
-from twisted.internet import tcp
 from twisted.internet.error import ConnectionRefusedError as TwistedConnectionRefused
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
     IProtocol,
-    IPushProducer,
     ISSLTransport,
 )
-from twisted.internet.protocol import ClientFactory, Factory
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from stickyproxy.accesslog import RequestRecord, TunnelRecord, as_json, request_line, tunnel_line
-from stickyproxy.cookietoken import CookieSigner, Verified
+from stickyproxy.backend import Backend, BackendConnector
+from stickyproxy.cookietoken import Verified
 from stickyproxy.eiopayload import UnknownSession, UnknownSessionSniffer, redact
-from stickyproxy.eiorouting import EngineRouter, HandshakeCapture, SessionRoute
+from stickyproxy.eiorouting import HandshakeCapture, SessionRoute
 from stickyproxy.engineio import SidError, redact_target
 from stickyproxy.errors import ProtocolError, ProxyHeaderError
+from stickyproxy.flow import Throttle, host_port, no_delay, relay_write
 from stickyproxy.hashring import address_key, text_key
 from stickyproxy.httphead import (
     BodyReader,
-    Framing,
     HeadParser,
     RequestHead,
     ResponseHead,
     response_framing,
     validate_upgrade_response,
 )
-from stickyproxy.pool import Decision, Pool, Server, State
+from stickyproxy.pool import Decision, Server, State
 from stickyproxy.proxyproto import ProxyHeaderParser, ProxyInfo
 from stickyproxy.rewrite import (
-    ForwardOptions,
     error_response,
     prepare_request_bytes,
     prepare_response,
     prepare_response_bytes,
 )
-from stickyproxy.stats import Stats, count_exchange
+from stickyproxy.stats import count_exchange
 from stickyproxy.wsframes import GOING_AWAY, FrameTracker, close_frame
 
 if TYPE_CHECKING:
-    from twisted.internet.defer import Deferred
     from twisted.internet.interfaces import IAddress
 
-    from stickyproxy.config import Config, IPNetwork
+    from stickyproxy.config import IPNetwork
+    from stickyproxy.context import ProxyContext
 
 log = Logger(namespace="stickyproxy")
 access_log = Logger(namespace="stickyproxy.access")
-
-# A plain TCP transport whose write buffer is empty can take bytes straight
-# to the socket: Twisted's write() only queues them and sends them on a later
-# reactor turn, after an extra epoll round, which costs as much as the
-# forwarding itself. Anything else (TLS, UNIX sockets, a paused or buffered
-# transport) takes the ordinary path.
-_FAST_TRANSPORTS = (tcp.Server, tcp.Client)
-
-
-def relay_write(transport: Any, data: bytes) -> None:
-    """Write ``data`` to ``transport``, sending at once when nothing is queued."""
-    if (
-        type(transport) in _FAST_TRANSPORTS
-        and not transport.dataBuffer
-        and not transport._tempDataBuffer
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnecting
-    ):
-        try:
-            sent = transport.socket.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            # Let Twisted find the error on its own path and report it.
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
-
-
-@implementer(IPushProducer)
-class Throttle:
-    """Pauses a transport for several independent reasons at once.
-
-    A transport is registered as the streaming producer of its peer, so a full
-    peer buffer pauses it; the proxy also pauses it itself while it waits for a
-    backend or holds a pipelined request. Each reason is a bit: reading resumes
-    only once every reason is gone.
-    """
-
-    BACKPRESSURE = 1
-    WAITING = 2
-
-    __slots__ = ("reasons", "transport")
-
-    def __init__(self, transport: Any) -> None:
-        self.transport = transport
-        self.reasons = 0
-
-    def pause(self, reason: int) -> None:
-        if not self.reasons:
-            self.transport.pauseProducing()
-        self.reasons |= reason
-
-    def resume(self, reason: int) -> None:
-        if self.reasons & reason:
-            self.reasons &= ~reason
-            if not self.reasons:
-                self.transport.resumeProducing()
-
-    def pauseProducing(self) -> None:
-        self.pause(self.BACKPRESSURE)
-
-    def resumeProducing(self) -> None:
-        self.resume(self.BACKPRESSURE)
-
-    def stopProducing(self) -> None:
-        # The peer went away; closing is decided by the protocols, which see
-        # both ends, not by the transport that noticed first.
-        pass
-
-
-def _forward_options(config: Config) -> ForwardOptions:
-    return ForwardOptions(
-        cookie=config.cookie,
-        forwarded_for=config.proxy.forwarded_for,
-        proxy_tlv_headers=config.proxy.proxy_tlv_headers,
-    )
-
-
-def _signer(config: Config) -> CookieSigner | None:
-    cookie = config.cookie
-    if not cookie.secret:
-        return None
-    return CookieSigner(
-        cookie.secret,
-        servers=[server.cookie for server in config.servers],
-        maxidle=cookie.maxidle,
-        maxlife=cookie.maxlife,
-    )
-
-
-class SessionStore(Protocol):
-    """A table of engine.io sessions shared by a fleet of proxies.
-
-    Every operation is bounded in time and never fails: a store that is
-    down answers at once, with None or False (see :mod:`stickyproxy.sidstore`).
-    """
-
-    def get(self, sid: str) -> Deferred[str | None]: ...
-
-    def put(self, sid: str, server: str, ttl: float) -> Deferred[bool]: ...
-
-    def touch(self, sid: str, ttl: float) -> None: ...
-
-    def forget(self, sid: str) -> None: ...
-
-
-#: How often idle engine.io sessions are swept while any are known.
-_EXPIRY_INTERVAL = 5.0
-
-
-class ProxyContext:
-    """What every connection of one proxy shares: settings, servers, clock."""
-
-    def __init__(self, config: Config, pool: Pool, reactor: Any) -> None:
-        self.config = config
-        self.pool = pool
-        self.reactor = reactor
-        self.options = _forward_options(config)
-        self.signer = _signer(config)
-        self.engine = EngineRouter(config.engineio, config.servers)
-        #: The shared session table of a fleet, when ``[engineio] sid_store`` is set.
-        self.store: SessionStore | None = None
-        self._expiry: IDelayedCall | None = None
-        self.connections: set[Frontend] = set()
-        self.on_count_change: Callable[[int], None] | None = None
-        # Requests waiting for a server at its maxconn (HAProxy's queues): one
-        # queue per server for clients pinned to it, one for everybody else.
-        self.queues: dict[str, deque[Frontend]] = {name: deque() for name in pool.servers}
-        self.backend_queue: deque[Frontend] = deque()
-        self.stats = Stats(list(pool.servers))
-
-    def reconfigure(self, config: Config, pool: Pool) -> None:
-        """Use ``config`` and ``pool`` for every request from now on (a reload)."""
-        self.config = config
-        self.pool = pool
-        self.options = _forward_options(config)
-        self.signer = _signer(config)
-        self.engine.reconfigure(config.engineio, config.servers)
-        for name in pool.servers:
-            self.queues.setdefault(name, deque())
-
-    def sessions_learned(self) -> None:
-        """Sweep idle engine.io sessions from now on, while any are known.
-
-        No timer runs for a proxy that never sees engine.io traffic; with
-        traffic, abandoned handshakes are forgotten within their lifetime
-        plus one sweep interval even when nothing else happens.
-        """
-        if self._expiry is None:
-            self._expiry = self.reactor.callLater(_EXPIRY_INTERVAL, self._expire_sessions)
-
-    def _expire_sessions(self) -> None:
-        self._expiry = None
-        table = self.engine.table
-        table.expire(self.reactor.seconds())
-        if len(table):
-            self.sessions_learned()
-
-    def stop_timers(self) -> None:
-        """Cancel the session sweep (the proxy stops)."""
-        if self._expiry is not None and self._expiry.active():
-            self._expiry.cancel()
-        self._expiry = None
-
-    def release(self, server: Server) -> None:
-        """A request on ``server`` ended: give its slot to a waiting one.
-
-        Requests pinned to the server go first, then those any server may
-        take, each in arrival order (HAProxy serves its queues the same way).
-        The slot is given back by name: a request that started before a
-        reload holds the server object of the old pool.
-        """
-        current = self.pool.servers.get(server.name)
-        self.pool.release(current if current is not None else server)
-        pinned = self.queues.get(server.name)
-        if not pinned and not self.backend_queue:
-            return
-        for queue in (pinned, self.backend_queue):
-            while queue:
-                waiting = queue.popleft()
-                if waiting.queued:
-                    # Not from inside the release: the caller is mid-update.
-                    self.reactor.callLater(0, waiting.leave_queue)
-                    return
-
-    def go_away(self, window: float, server_name: str | None = None) -> int:
-        """Close open WebSockets politely, spread evenly over ``window`` seconds.
-
-        Closing thousands of WebSockets at once makes their clients reconnect
-        in the same second; spreading the closes spreads the reconnections.
-
-        :param server_name: only the tunnels to this server (drain), or all.
-        :return: how many tunnels will be closed.
-        """
-        tunnels = [
-            conn
-            for conn in self.connections
-            if conn.in_tunnel and (server_name is None or conn.server_name == server_name)
-        ]
-        for index, conn in enumerate(tunnels):
-            self.reactor.callLater(window * index / len(tunnels), conn.go_away)
-        return len(tunnels)
-
-    def shutdown_sessions(self, server_name: str) -> int:
-        """Close every client connection now served by ``server_name``.
-
-        HAProxy's ``shutdown sessions server``: open WebSockets included.
-        :return: how many connections were closed.
-        """
-        closed = 0
-        for conn in list(self.connections):
-            if conn.server_name == server_name:
-                conn.abort()
-                closed += 1
-        return closed
-
-    def add(self, conn: Frontend) -> None:
-        self.connections.add(conn)
-        self.stats.frontend.connections_total += 1
-        if self.on_count_change is not None:
-            self.on_count_change(len(self.connections))
-
-    def discard(self, conn: Frontend) -> None:
-        self.connections.discard(conn)
-        if self.on_count_change is not None:
-            self.on_count_change(len(self.connections))
 
 
 _NOBODY: frozenset[str] = frozenset()
@@ -423,7 +197,7 @@ class Frontend:
         self._decision: Decision | None = None
         self._backend: Backend | None = None
         self._idle_backend: Backend | None = None
-        self._connecting: _BackendConnector | None = None
+        self._connecting: BackendConnector | None = None
         self._response_started = False
         self._close_after = False
         self._client_eof = False
@@ -474,7 +248,7 @@ class Frontend:
         ctx.add(self)
         # Heads and bodies often leave in separate writes; with Nagle on, the
         # second waits for the client's delayed ACK (~40 ms on Linux).
-        _no_delay(self.transport)
+        no_delay(self.transport)
         self.client_ip, self.client_port = host_port(self.transport.getPeer())
         cfg = ctx.config.proxy
         mode = cfg.proxy_protocol
@@ -831,7 +605,7 @@ class Frontend:
         # it. (A reused backend connection is attached at once, so requests
         # on a keep-alive connection cost no epoll_ctl round trips.)
         self._throttle.pause(Throttle.WAITING)
-        connector = _BackendConnector(self, server)
+        connector = BackendConnector(self, server)
         self._connecting = connector
         host, port = server.address
         self._ctx.reactor.connectTCP(
@@ -1542,262 +1316,6 @@ class Frontend:
         self._ctx.discard(self)
 
 
-# Backend states.
-_B_IDLE = 0  # connected, nothing asked (or parked between requests)
-_B_HEAD = 1  # waiting for a response head
-_B_BODY = 2  # relaying a response body
-_B_TUNNEL = 3  # spliced after a 101
-_B_CLOSED = 4
-
-
-@implementer(IProtocol, IHalfCloseableProtocol)
-class Backend:
-    """A connection to one server, serving one :class:`Frontend`."""
-
-    __slots__ = (
-        "_body",
-        "_got_response",
-        "_parser",
-        "_reusable",
-        "_state",
-        "alive",
-        "connector",
-        "frontend",
-        "server",
-        "throttle",
-        "transport",
-    )
-
-    throttle: Throttle
-
-    def __init__(self, connector: _BackendConnector) -> None:
-        self.connector: _BackendConnector | None = connector
-        self.frontend: Frontend | None = connector.frontend
-        self.server = connector.server
-        self.transport: Any = None
-        self._state = _B_IDLE
-        self._parser: HeadParser[ResponseHead] | None = None
-        self._body: BodyReader | None = None
-        self._got_response = False
-        self._reusable = True
-        self.alive = False
-
-    def makeConnection(self, transport: Any) -> None:
-        self.transport = transport
-        self.throttle = Throttle(transport)
-        self.connectionMade()
-
-    def connectionMade(self) -> None:
-        self.alive = True
-        _no_delay(self.transport)
-        connector, self.connector = self.connector, None
-        frontend = self.frontend
-        if frontend is None or connector is None or connector.cancelled:
-            self.detach_and_close()
-            return
-        frontend.backend_connected(self)
-
-    def start_response(self) -> None:
-        """A request is about to be sent: expect a response head."""
-        self._state = _B_HEAD
-        self._got_response = False
-        if self._parser is None:
-            frontend = self.frontend
-            assert frontend is not None
-            cfg = frontend._ctx.config.proxy
-            # Response heads get the same budget as request heads; a larger
-            # one is answered with 502, as HAProxy does.
-            self._parser = HeadParser(
-                "response", max_size=cfg.max_head_size, max_headers=cfg.max_headers
-            )
-
-    def start_body(self, framing: Framing, head: bytes) -> None:
-        """Send the response ``head`` and stream the body that follows."""
-        assert self._parser is not None
-        rest = self._parser.take_rest()
-        length = framing.length
-        if framing.kind == "length" and len(rest) >= length:
-            # The whole body came with the head (the common small response):
-            # no reader needed. Bytes beyond it mean a confused server.
-            if len(rest) > length:
-                self._reusable = False
-            self._send(head + rest[:length])
-            self._finish()
-            return
-        body = BodyReader(framing, error_status=502)
-        if body.done:
-            if rest:
-                # Bytes where no body may be: never trust this connection again.
-                self._reusable = False
-            self._send(head)
-            self._finish()
-            return
-        self._body = body
-        self._state = _B_BODY
-        if rest:
-            self._feed_body(rest, head)
-        else:
-            self._send(head)
-
-    def _send(self, data: bytes) -> None:
-        frontend = self.frontend
-        assert frontend is not None
-        # Sent while handling the head, whose arrival time the frontend has.
-        frontend.response_body(data, frontend._last)
-
-    def start_tunnel(self) -> None:
-        """A 101 was relayed: from now on bytes flow unparsed."""
-        self._state = _B_TUNNEL
-        parser, self._parser = self._parser, None
-        assert parser is not None
-        rest = parser.take_rest()
-        if rest and self.frontend is not None:
-            self.frontend.tunnel_data(rest)
-
-    def dataReceived(self, data: bytes) -> None:
-        state = self._state
-        frontend = self.frontend
-        if frontend is None:
-            return
-        if state == _B_TUNNEL:
-            frontend.tunnel_data(data)
-        elif state == _B_BODY:
-            self._feed_body(data)
-        elif state == _B_HEAD:
-            self._read_head(frontend, data)
-        elif state == _B_IDLE:
-            # A server talking when nobody asked it anything is confused.
-            self._reusable = False
-            frontend.backend_lost(self, False, "unsolicited bytes")
-            self.detach_and_close()
-
-    def _read_head(self, frontend: Frontend, data: bytes) -> None:
-        self._got_response = True
-        parser = self._parser
-        assert parser is not None
-        now = frontend._last = frontend._ctx.reactor.seconds()
-        while True:
-            try:
-                head = parser.feed(data)
-            except ProtocolError as e:
-                self._reusable = False
-                frontend._fail(502, f"bad response from {self.server.name}: {e.reason}")
-                return
-            if head is None:
-                return
-            if not head.keep_alive:
-                self._reusable = False
-            frontend.response_head(head, now)
-            if self._state != _B_HEAD or self.frontend is None:
-                return
-            # That was an interim (1xx) response; the final one follows.
-            data = parser.take_rest()
-            if not data:
-                return
-
-    def _feed_body(self, data: bytes, head: bytes = b"") -> None:
-        body = self._body
-        frontend = self.frontend
-        assert body is not None and frontend is not None
-        try:
-            out, rest = body.feed(data)
-        except ProtocolError as e:
-            self._reusable = False
-            if head:
-                # Nothing was sent yet: the client gets a clean 502 instead.
-                frontend._response_started = False
-            frontend._fail(502, f"bad response body from {self.server.name}: {e.reason}")
-            return
-        if out or head:
-            frontend.response_body(head + out if head else out)
-        if body.done:
-            if rest:
-                # More bytes than the framing allows: never reuse.
-                self._reusable = False
-            self._finish()
-
-    def _finish(self) -> None:
-        self._state = _B_IDLE
-        self._body = None
-        frontend = self.frontend
-        assert frontend is not None
-        frontend.response_done(self._reusable)
-
-    def park(self) -> None:
-        """Stay connected, idle, for the next request of the same client."""
-        self._state = _B_IDLE
-
-    def detach_and_close(self) -> None:
-        """Forget the frontend and close."""
-        self.frontend = None
-        self._state = _B_CLOSED
-        if self.alive:
-            self.transport.loseConnection()
-
-    def readConnectionLost(self) -> None:
-        """The server sent FIN."""
-        frontend = self.frontend
-        if frontend is not None and self._state == _B_TUNNEL:
-            frontend.tunnel_server_eof()
-            return
-        if frontend is not None and self._state == _B_BODY and self._body is not None:
-            try:
-                self._body.eof()
-            except ProtocolError:
-                pass
-            else:
-                # A read-until-close body ends here (RFC 9112 §6.3 step 8).
-                self._reusable = False
-                self._finish()
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        """Our FIN to the server went out; nothing more to do."""
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self.alive = False
-        frontend, self.frontend = self.frontend, None
-        state, self._state = self._state, _B_CLOSED
-        if frontend is None:
-            return
-        if state == _B_TUNNEL:
-            frontend.backend_lost(self, True, "tunnel closed by the server")
-        elif state == _B_BODY:
-            frontend.backend_lost(self, True, "server closed in the middle of the body")
-        else:
-            frontend.backend_lost(
-                self, self._got_response, f"{self.server.name} closed without a complete response"
-            )
-
-
-class _BackendConnector(ClientFactory):
-    """One connection attempt to a server on behalf of a frontend."""
-
-    # One log line per backend connection would drown everything else.
-    noisy = False
-
-    def __init__(self, frontend: Frontend, server: Server) -> None:
-        self.frontend = frontend
-        self.server = server
-        self.cancelled = False
-
-    def buildProtocol(self, addr: IAddress) -> Backend:  # type: ignore[override]
-        return Backend(self)
-
-    def cancel(self) -> None:
-        """The frontend went away: give the slot back, drop any connection."""
-        if not self.cancelled:
-            self.cancelled = True
-            self.frontend._ctx.release(self.server)
-
-    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
-        if not self.cancelled:
-            self.frontend.backend_connect_failed(self.server, reason)
-
-    def clientConnectionLost(self, connector: object, reason: Failure) -> None:
-        """Handled by the protocol itself."""
-
-
 class FrontendFactory(Factory):
     """Builds a :class:`Frontend` per accepted connection."""
 
@@ -1817,21 +1335,6 @@ def _request_line(request: RequestHead | None, engine_prefix: bytes) -> str:
     if len(target) > 200:
         target = target[:200] + b"..."
     return b" ".join((request.method, target, request.version)).decode("latin-1")
-
-
-def _no_delay(transport: Any) -> None:
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        set_no_delay(True)
-
-
-def host_port(address: object) -> tuple[str, int]:
-    """The host and port of a Twisted address (``("0.0.0.0", 0)`` for a UNIX one)."""
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", 0)
-    if isinstance(host, str):
-        return host, int(port)
-    return "0.0.0.0", 0
 
 
 def _is_trusted(ip: str, networks: tuple[IPNetwork, ...]) -> bool:

@@ -28,10 +28,12 @@ from twisted.python.failure import Failure
 
 from stickyproxy import systemd
 from stickyproxy.config import Config, load_config
+from stickyproxy.context import ProxyContext
 from stickyproxy.errors import ConfigError
+from stickyproxy.flow import host_port
 from stickyproxy.health import HealthChecker, log_transition
 from stickyproxy.pool import Pool, Server
-from stickyproxy.relay import FrontendFactory, ProxyContext, host_port
+from stickyproxy.relay import FrontendFactory
 from stickyproxy.sidstore import SidStore, parse_store_url
 
 log = Logger(namespace="stickyproxy")

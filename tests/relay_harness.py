@@ -15,10 +15,12 @@ from twisted.internet.error import ConnectionRefusedError as TwistedConnectionRe
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
+from stickyproxy.backend import Backend
 from stickyproxy.config import parse_config
+from stickyproxy.context import ProxyContext
 from stickyproxy.pool import Pool
 from stickyproxy.proxyproto import format_v1
-from stickyproxy.relay import Backend, Frontend, FrontendFactory, ProxyContext
+from stickyproxy.relay import Frontend, FrontendFactory
 
 CONFIG = """
 [proxy]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from stickyproxy.backend import Backend
 from stickyproxy.hashring import address_key
 from stickyproxy.proxyproto import PP2_TYPE_AUTHORITY, PP2_TYPE_UNIQUE_ID, format_v1, format_v2
-from stickyproxy.relay import Backend
 from tests.relay_harness import CONFIG, SWITCH, UPGRADE, FakeTCP, Harness, ok
 
 # -- routing and cookies ----------------------------------------------------------
