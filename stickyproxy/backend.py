@@ -90,7 +90,7 @@ class Backend:
         if self._parser is None:
             frontend = self.frontend
             assert frontend is not None
-            cfg = frontend._ctx.config.proxy
+            cfg = frontend.ctx.config.proxy
             # Response heads get the same budget as request heads; a larger
             # one is answered with 502, as HAProxy does.
             self._parser = HeadParser(
@@ -129,7 +129,7 @@ class Backend:
         frontend = self.frontend
         assert frontend is not None
         # Sent while handling the head, whose arrival time the frontend has.
-        frontend.response_body(data, frontend._last)
+        frontend.response_body(data, frontend.last_activity)
 
     def start_tunnel(self) -> None:
         """A 101 was relayed: from now on bytes flow unparsed."""
@@ -161,13 +161,13 @@ class Backend:
         self._got_response = True
         parser = self._parser
         assert parser is not None
-        now = frontend._last = frontend._ctx.reactor.seconds()
+        now = frontend.server_activity()
         while True:
             try:
                 head = parser.feed(data)
             except ProtocolError as e:
                 self._reusable = False
-                frontend._fail(502, f"bad response from {self.server.name}: {e.reason}")
+                frontend.fail(502, f"bad response from {self.server.name}: {e.reason}")
                 return
             if head is None:
                 return
@@ -189,10 +189,11 @@ class Backend:
             out, rest = body.feed(data)
         except ProtocolError as e:
             self._reusable = False
-            if head:
-                # Nothing was sent yet: the client gets a clean 502 instead.
-                frontend._response_started = False
-            frontend._fail(502, f"bad response body from {self.server.name}: {e.reason}")
+            # With the head still held (it leaves with the first body bytes),
+            # the client gets a clean 502 instead of a cut response.
+            frontend.fail(
+                502, f"bad response body from {self.server.name}: {e.reason}", unsent=bool(head)
+            )
             return
         if out or head:
             frontend.response_body(head + out if head else out)
@@ -274,7 +275,7 @@ class BackendConnector(ClientFactory):
         """The frontend went away: give the slot back, drop any connection."""
         if not self.cancelled:
             self.cancelled = True
-            self.frontend._ctx.release(self.server)
+            self.frontend.ctx.release(self.server)
 
     def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
         if not self.cancelled:

@@ -1263,6 +1263,35 @@ class Frontend:
         self._disarm()
         self.transport.abortConnection()
 
+    # -- what the backend side may use ---------------------------------------------
+
+    @property
+    def ctx(self) -> ProxyContext:
+        """The proxy this connection belongs to."""
+        return self._ctx
+
+    @property
+    def last_activity(self) -> float:
+        """When either side last sent something, on the reactor's clock."""
+        return self._last
+
+    def server_activity(self) -> float:
+        """The server sent something: note it, and return the time."""
+        now: float = self._ctx.reactor.seconds()
+        self._last = now
+        return now
+
+    def fail(self, status: int, reason: str, *, unsent: bool = False) -> None:
+        """Give up on the current exchange with the proxy's own error page.
+
+        :param unsent: the response head was handed over but never written
+            (it leaves with the first body bytes), so the client can still
+            get a clean error page instead of a cut response.
+        """
+        if unsent:
+            self._response_started = False
+        self._fail(status, reason)
+
     @property
     def in_tunnel(self) -> bool:
         """Whether this connection was upgraded (e.g. to a WebSocket)."""
