@@ -692,3 +692,25 @@ def test_the_twin_cookie_alone_routes_like_the_main_one() -> None:
     assert h.server_of() == "s2"
     _, transport = h.accept()
     assert b"Cookie" not in transport.value()
+
+
+def test_a_bad_body_arriving_with_the_head_gets_a_clean_502() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+    backend, _ = h.accept()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    # Head and body would have left together: nothing of them did.
+    assert h.output().startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+
+
+def test_a_bad_body_after_the_head_went_out_cuts_the_response() -> None:
+    h = Harness()
+    h.proxy_header()
+    h.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+    backend, _ = h.accept()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    backend.dataReceived(b"zz\r\n")
+    out = h.output()
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and b"502" not in out
+    assert h.client.disconnecting
