@@ -49,7 +49,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     # The harness (Twisted, autobahn) is imported only by the helpers that start
     # processes, so that a backend process starts quickly.
-    from .harness import Backend, Haproxy, Launcher, Named
+    from .harness import Backend, Haproxy, HttpResponse, Launcher, Named
 
 #: The persistence cookie of the seed's second HAProxy configuration.
 COOKIE_NAME = "storify_editor_host"
@@ -443,3 +443,27 @@ def launch_haproxy(launch: Launcher, backend_section: str, **options: Any) -> Ha
 
 if __name__ == "__main__":
     main()
+
+
+#: A sid no backend ever issued.
+FOREIGN_SID = "NotFromThisServer000"
+
+
+def foreign_sid_requests(port: int) -> tuple[HttpResponse, HttpResponse, HttpResponse]:
+    """A poll, a post and a WebSocket upgrade for :data:`FOREIGN_SID`, straight to ``port``.
+
+    Each is one kind of "unknown session" answer an engine.io server gives.
+    """
+    from .harness import http_request
+
+    query = f"/socket.io/?EIO=4&transport={{}}&sid={FOREIGN_SID}"
+    get = http_request(port, "GET", query.format("polling"))
+    post = http_request(port, "POST", query.format("polling"), body=b"40")
+    upgrade_headers = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+    upgrade = http_request(port, "GET", query.format("websocket"), headers=upgrade_headers)
+    return get, post, upgrade

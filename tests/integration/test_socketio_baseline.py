@@ -31,6 +31,8 @@ import requests
 from .harness import Backend, Launcher, http_request, proxy_config
 from .sio_apps import (
     COOKIE_NAME,
+    FOREIGN_SID,
+    foreign_sid_requests,
     is_unknown_session_answer,
     launch_haproxy,
     rotating_l4_backend,
@@ -123,19 +125,10 @@ def test_a_backend_counts_each_kind_of_request_for_a_sid_it_never_issued(
 ) -> None:
     backend = sio_backends[0]
     before = report(backend)
-    query = "/socket.io/?EIO=4&transport={}&sid=NotFromThisServer000"
-    get = http_request(backend.port, "GET", query.format("polling"))
-    post = http_request(backend.port, "POST", query.format("polling"), body=b"40")
-    upgrade_headers = {
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-        "Sec-WebSocket-Version": "13",
-    }
-    upgrade = http_request(backend.port, "GET", query.format("websocket"), headers=upgrade_headers)
+    get, post, upgrade = foreign_sid_requests(backend.port)
     for response in (get, post, upgrade):
         assert response.status == 400
-        assert response.body == b'"Invalid session NotFromThisServer000"'
+        assert response.body == f'"Invalid session {FOREIGN_SID}"'.encode()
     after = report(backend)
     assert after["total"] == before["total"] + 3
     for kind in ("polling-get", "polling-post", "upgrade"):

@@ -44,7 +44,13 @@ from .harness import (
     spawn,
     wait_for_file,
 )
-from .sio_apps import COOKIE_NAME, is_unknown_session_answer, launch_haproxy, rotating_l4_backend
+from .sio_apps import (
+    COOKIE_NAME,
+    foreign_sid_requests,
+    is_unknown_session_answer,
+    launch_haproxy,
+    rotating_l4_backend,
+)
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 NODE = shutil.which("node")
@@ -231,16 +237,7 @@ def test_a_node_backend_counts_each_kind_of_request_for_a_sid_it_never_issued(
 ) -> None:
     backend = node_backends[0]
     before = counters([backend])[backend.name]
-    query = "/socket.io/?EIO=4&transport={}&sid=NotFromThisServer000"
-    get = http_request(backend.port, "GET", query.format("polling"))
-    post = http_request(backend.port, "POST", query.format("polling"), body=b"40")
-    upgrade_headers = {
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-        "Sec-WebSocket-Version": "13",
-    }
-    upgrade = http_request(backend.port, "GET", query.format("websocket"), headers=upgrade_headers)
+    get, post, upgrade = foreign_sid_requests(backend.port)
     for response in (get, post):
         assert json.loads(response.body) == {"code": 1, "message": "Session ID unknown"}
     for response in (get, post, upgrade):
