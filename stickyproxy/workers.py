@@ -7,7 +7,10 @@ that accepts from the shared sockets, and the kernel hands each new
 connection to whichever worker accepts it first. Routing needs no
 coordination: the hash ring is keyed by server names and weights and the
 cookie names a server, so every worker sends a given client to the same
-server. Each worker runs its own health checks.
+server. engine.io sessions learned from handshakes are the exception: each
+worker knows those it relayed, so several workers want ``[engineio] sid_tag``
+or ``sid_store`` (:func:`engine_sessions_warning` says so at start). Each
+worker runs its own health checks.
 
 ::
 
@@ -749,6 +752,9 @@ class WorkerMaster(Service):
                 self._demo_ports.append(port)
         for item in self.listeners:
             log.info("stickyproxy listening on {host}:{port}", host=item.host, port=item.number)
+        warning = engine_sessions_warning(self.config, self.workers)
+        if warning:
+            log.warn("{warning}", warning=warning)
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -1100,6 +1106,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", master.stopService)
     reactor.run()
     return 0
+
+
+def engine_sessions_warning(config: Config, workers: int) -> str | None:
+    """What to say when several workers learn engine.io sessions each on its own.
+
+    Each worker keeps its own table of the sessions whose handshakes it
+    relayed; a later request of the session accepted by another worker is
+    routed by cookie and hash instead. Clients that keep the cookie, or keep
+    their address, do not notice; cookie-less clients whose address changes
+    do. The sid tag or a shared store makes the workers a fleet.
+    """
+    engineio = config.engineio
+    if workers < 2 or not engineio.enabled or engineio.sid_tag != "off" or engineio.sid_store:
+        return None
+    return (
+        f"{workers} workers learn engine.io sessions each on its own: set [engineio] "
+        "sid_tag = eio4 or sid_store so that every worker routes every session "
+        "(cookie-less clients whose address changes need it)"
+    )
 
 
 if __name__ == "__main__":

@@ -505,3 +505,17 @@ def test_stop_forwards_sigterm_then_kills_what_outlives_the_bound(running: Runni
     assert stopped == [None]
     running.reactor.advance(60)
     assert len(running.spawner.spawned) == 3
+
+
+def test_several_workers_without_tag_or_store_are_warned_about_engine_io_sessions() -> None:
+    from stickyproxy.config import parse_config
+    from stickyproxy.workers import engine_sessions_warning
+
+    base = "[server s1]\naddress = 127.0.0.1:1\n"
+    config = parse_config(base)
+    warning = engine_sessions_warning(config, 4)
+    assert warning is not None and "4 workers" in warning and "sid_tag = eio4" in warning
+    assert engine_sessions_warning(config, 1) is None
+    for extra in ("sid_tag = eio4", "sid_store = redis://127.0.0.1:6379/0", "path ="):
+        shared = parse_config(f"{base}[engineio]\n{extra}\n")
+        assert engine_sessions_warning(shared, 4) is None
