@@ -243,3 +243,40 @@ async def test_a_store_where_nothing_listens_answers_at_once(
             store.touch("x", 5)
             store.forget("x")
             assert store.errors == 5
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_the_proxy_connects_its_store_and_a_reload_replaces_or_drops_it(
+    redis: RedisServer,
+) -> None:
+    from stickyproxy.config import parse_config
+    from stickyproxy.service import StickyProxy
+
+    base = (
+        "[proxy]\nlisten = tcp:0:interface=127.0.0.1\nproxy_protocol = off\n"
+        "[server s1]\naddress = 127.0.0.1:9\ncheck = false\n"
+    )
+    with_store = parse_config(f"{base}[engineio]\nsid_store = {redis.database_url(0)}\n")
+    proxy = StickyProxy(with_store, reactor)
+    await proxy.start()
+    try:
+        first = proxy.context.store
+        assert first is not None
+        await eventually(lambda: first.connected)  # type: ignore[attr-defined]
+        assert proxy.snapshot()["engineio"]["store"]["connected"] is True
+        # The same store survives a reload that keeps it.
+        await proxy.reload(with_store)
+        assert proxy.context.store is first
+        # Another database: a new connection; the old one is closed.
+        other = parse_config(f"{base}[engineio]\nsid_store = {redis.database_url(1)}\n")
+        await proxy.reload(other)
+        second = proxy.context.store
+        assert second is not None and second is not first
+        assert not first.connected  # type: ignore[attr-defined]
+        await eventually(lambda: second.connected)  # type: ignore[attr-defined]
+        # No store at all.
+        await proxy.reload(parse_config(base))
+        assert proxy.context.store is None
+        assert proxy.snapshot()["engineio"]["store"] is None
+    finally:
+        await proxy.stop(grace=0, spread=0)
