@@ -160,9 +160,6 @@ class EngineRouter:
         """Remember a session found in the shared store."""
         self.table.learn(sid, server, *DEFAULT_PING_MS, now)
 
-    def default_ttl(self) -> float:
-        return self.table.ttl_for(*DEFAULT_PING_MS)
-
 
 class HandshakeCapture:
     """Holds a handshake response until its body is complete.

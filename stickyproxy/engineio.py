@@ -240,11 +240,16 @@ def classify(head: RequestHead, prefix: bytes = DEFAULT_PREFIX) -> EngineRequest
     The path matches when it starts with ``prefix``, compared byte for byte
     as engine.io compares the raw URL with its configured path.
 
+    :param prefix: a path prefix, without a query (``[engineio] path``).
     :raises SidError: (status hint 400) for a repeated, oversized or
         malformed ``sid``.
     """
     target = head.target
-    if not _path(target).startswith(prefix):
+    # Nearly every target is in origin-form, where the path opens the target:
+    # a prefix (which has no "?") then matches the target as it matches the
+    # path, with no copy made on the per-request path.
+    path = target if target[:1] == b"/" else _path(target)
+    if not path.startswith(prefix):
         return None
     sid: str | None = None
     span = _sid_span(target)

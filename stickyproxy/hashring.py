@@ -461,6 +461,7 @@ class HashRing:
         table = self._table
         if not table:
             return None
+        # _key_digest and slot(), inline: this runs for every request.
         digest = hashlib.blake2b(key, digest_size=_DIGEST_SIZE, person=_KEY_PERSON).digest()
         slot = int.from_bytes(digest[:_SLOT_BYTES]) & _MASK
         owner = table[slot]

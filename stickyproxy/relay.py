@@ -465,8 +465,6 @@ class Frontend:
             except SidError as e:
                 # Servers disagree on which of two sids wins: routing by
                 # either could send the request to the wrong session.
-                self._engine_route = None
-                self._request_bytes = b""
                 self._fail(400, e.reason)
                 return
         self._engine_route = route

@@ -44,6 +44,9 @@ class ForwardOptions:
     #: The persistence cookie's names (:func:`stickyproxy.cookies.cookie_names`),
     #: computed once here rather than on every request.
     cookie_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    #: What :func:`stickyproxy.cookies.extract` is given: one name as a plain
+    #: string (its single-cookie scan, the common case), else the tuple.
+    extract_names: str | tuple[str, ...] = field(init=False, repr=False, compare=False)
     #: ``Set-Cookie`` field values already built, by cookie value and TLS.
     set_cookie_cache: dict[tuple[str, bool], tuple[bytes, ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -51,7 +54,9 @@ class ForwardOptions:
 
     def __post_init__(self) -> None:
         # A frozen dataclass sets derived fields through object.__setattr__.
-        object.__setattr__(self, "cookie_names", cookies.cookie_names(self.cookie))
+        names = cookies.cookie_names(self.cookie)
+        object.__setattr__(self, "cookie_names", names)
+        object.__setattr__(self, "extract_names", names[0] if len(names) == 1 else names)
 
     def set_cookies(self, value: str, tls: bool = False) -> tuple[bytes, ...]:
         """The ``Set-Cookie`` field values that pin a client to ``value``."""
@@ -88,10 +93,7 @@ def prepare_request(
       the client asked for) and UNIQUE_ID TLVs become ``X-Proxy-Authority`` and
       ``X-Unique-ID``; headers of those names from the client are dropped.
     """
-    names = options.cookie_names
-    # One name is passed as a plain string: the common case stays the
-    # single-cookie scan.
-    values, stripped = cookies.extract(head.headers, names[0] if len(names) == 1 else names)
+    values, stripped = cookies.extract(head.headers, options.extract_names)
     if options.cookie.indirect:
         head.headers = stripped
     strip_hop_by_hop(head, keep_upgrade=head.is_websocket_upgrade)
@@ -134,10 +136,7 @@ def prepare_request_bytes(
         if not options.proxy_tlv_headers:
             values: list[str] = []
             if cookie:
-                names = options.cookie_names
-                values, stripped = cookies.extract(
-                    head.headers, names[0] if len(names) == 1 else names
-                )
+                values, stripped = cookies.extract(head.headers, options.extract_names)
                 if options.cookie.indirect:
                     head.headers = stripped
             if options.forwarded_for:
